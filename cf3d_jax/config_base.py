@@ -1,0 +1,134 @@
+"""The default value and meaning of every config key; `configs/*.py` start from `base_config()`.
+
+Configs are `ml_collections.ConfigDict`s, locked by the CLI (`config_flags`, lock_config=True),
+so a misspelt override (`--config.train.num_step=…`) is an error naming the key. `validate`
+checks values the type system cannot (names, ranges, shapes) and raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cf3d_jax.errors import ConfigError
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """WDM on MS FLAIR at 128³ (DESIGN.md §4) with the seed paper's text conditioning."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                                  # the one seed every random draw derives from
+
+  c.space = ml_collections.ConfigDict()
+  c.space.name = "wavelet"                    # where diffusion runs: 'wavelet' (WDM)
+  c.space.lll_scale = 3.0                     # LLL subband divided by this before diffusion
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "ms"                       # 'ms' (lesion load classes) | 'adni' (CN/MCI/AD)
+  c.data.source = "phantom"                   # 'phantom' (synthetic, from MNI152) | 'manifest'
+  c.data.manifest = ""                        # CSV: path, subject_id, lesion_volume_ml|diagnosis
+  c.data.shape = (128, 128, 128)              # image grid (D, H, W), voxels
+  c.data.fov_mm = 192.0                       # isotropic field of view (phantoms and resampling)
+  c.data.num_subjects = 300                   # phantoms to generate
+  c.data.class_fractions = (0.5, 0.3, 0.2)    # phantom class mix (deliberately imbalanced)
+  c.data.split = (0.7, 0.15, 0.15)            # train/val/test fractions, by subject
+  c.data.class_weighting = True               # sample train records ∝ 1/class count
+  c.data.records_per_shard = 64               # records per ArrayRecord shard
+  c.data.num_workers = 0                      # grain worker processes (0 = in-process)
+  c.data.intensity_percentiles = (0.5, 99.5)  # robust min/max for real scans → [-1, 1]
+  c.data.phantom = ml_collections.ConfigDict()
+  c.data.phantom.deform_mm = 3.0              # amplitude of the per-subject smooth deformation
+  c.data.phantom.bias_strength = 0.15         # multiplicative bias field amplitude
+  c.data.phantom.noise_std = 0.03             # Gaussian noise std (intensity units before [-1,1])
+
+  c.text = ml_collections.ConfigDict()
+  c.text.table = "builtin:ms_minilm"          # embedding table: a .npz path or 'builtin:NAME'
+  c.text.null_prob = 0.2                      # probability a training prompt becomes the null text
+  c.text.paraphrases = True                   # draw one of the class's templates per sample
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"
+  c.model.out_channels = 8                    # = 8 × image channels for the wavelet space
+  c.model.base_channels = 64
+  c.model.channel_mult = (1, 2, 2, 4, 4)      # wdm-3d at 128³; (1,2,2,4,4,4) at 256³
+  c.model.num_res_blocks = 2
+  c.model.num_middle_blocks = 4               # WDM has 2; the paper deepens the bottleneck
+  c.model.attention_levels = (False,) * 5     # self-attention per level
+  c.model.middle_attention = False
+  c.model.cross_attention_levels = (True, False, True, False, True)  # text, incl. highest res
+  c.model.middle_cross_attention = True
+  c.model.head_channels = 32
+  c.model.dropout = 0.1                       # used only where switched on below
+  c.model.dropout_levels = (False, False, False, True, True)  # low-resolution levels only
+  c.model.middle_dropout = True
+  c.model.num_groups = 32
+  c.model.resblock_updown = True
+  c.model.dtype = "float32"                   # compute dtype: 'float32' | 'bfloat16'
+  c.model.param_dtype = "float32"
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.name = "ddpm"                   # 'ddpm'
+  c.objective.num_train_steps = 1000          # T
+  c.objective.beta_schedule = "linear"        # 'linear' | 'scaled_linear'
+  c.objective.beta_start = 1e-4
+  c.objective.beta_end = 0.02
+  c.objective.prediction = "x0"               # 'x0' (WDM) | 'eps' | 'v'
+  c.objective.num_sample_steps = 25           # DDIM steps (WDM best: 25)
+  c.objective.eta = 0.0                       # DDIM eta (0 = deterministic)
+  c.objective.timestep_spacing = "leading"    # 'leading' | 'trailing' | 'linspace'
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1_000_000
+  c.train.batch_size = 1                      # global batch
+  c.train.learning_rate = 1e-5
+  c.train.warmup_steps = 0
+  c.train.weight_decay = 0.0
+  c.train.grad_clip_norm = 1.0                # 0 disables clipping
+  c.train.ema_decay = 0.9999
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  c.train.max_to_keep = 3
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts = ("Subject has minimal lesion load.", "Subject has moderate lesion load.",
+                      "Subject has high lesion load.")   # first = the factual reference
+  c.sample.guidance_scales = (1.0,)           # CFG w: out = u + w (c − u); 1 = conditional only
+  c.sample.num_subjects = 8                   # K fixed noises
+  c.sample.batch_size = 8                     # volumes per sampler call
+  c.sample.use_ema = True
+  c.sample.checkpoint_step = -1               # -1 = latest
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.lesion_threshold = 0.2               # lesion rule: intensity > this inside template WM
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)                   # (data, fsdp, spatial); -1 = the remaining devices
+  return c
+
+
+def _check(cond: bool, key: str, value, expected: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{key}={value!r}: expected {expected}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the key for values outside what the code supports."""
+  _check(c.data.dataset in ("ms", "adni"), "data.dataset", c.data.dataset, "'ms' or 'adni'")
+  _check(c.data.source in ("phantom", "manifest"), "data.source", c.data.source,
+         "'phantom' or 'manifest'")
+  _check(c.data.source != "manifest" or bool(c.data.manifest), "data.manifest", c.data.manifest,
+         "a CSV path when data.source='manifest'")
+  _check(c.data.source != "phantom" or c.data.dataset == "ms", "data.dataset", c.data.dataset,
+         "'ms' for phantoms (the AD phantom is not built yet)")
+  _check(len(c.data.shape) == 3 and all(int(s) > 0 for s in c.data.shape), "data.shape",
+         c.data.shape, "three positive ints")
+  _check(len(c.data.split) == 3 and abs(sum(c.data.split) - 1) < 1e-6, "data.split",
+         c.data.split, "three fractions summing to 1")
+  _check(0.0 <= c.text.null_prob < 1.0, "text.null_prob", c.text.null_prob, "a value in [0, 1)")
+  _check(c.train.num_steps > 0, "train.num_steps", c.train.num_steps, "> 0")
+  _check(c.train.batch_size > 0, "train.batch_size", c.train.batch_size, "> 0")
+  _check(0.0 <= c.train.ema_decay < 1.0, "train.ema_decay", c.train.ema_decay, "in [0, 1)")
+  _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", c.model.dtype,
+         "'float32' or 'bfloat16'")
+  _check(len(c.sample.prompts) >= 1, "sample.prompts", c.sample.prompts, "at least one prompt")
+  _check(len(c.sample.guidance_scales) >= 1, "sample.guidance_scales",
+         c.sample.guidance_scales, "at least one scale")
+  _check(len(c.mesh.shape) == 3, "mesh.shape", c.mesh.shape, "(data, fsdp, spatial)")

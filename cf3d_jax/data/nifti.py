@@ -1,0 +1,75 @@
+"""NIfTI in and out: validated loading, conforming to the training grid, atomic writing.
+
+Loading checks, in order, and raises DataError naming the file: it exists, nibabel can read it,
+it is 3D (a 4D image with one frame is accepted), it has no NaN/Inf voxels. Conforming reorients
+to RAS+ canonical, resamples onto an isotropic grid of `shape` spanning `fov_mm` centred on the
+image's intensity mass, and maps robust percentiles to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from cf3d_jax.errors import DataError
+from cf3d_jax.files import atomic_path
+
+
+def load_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (data float32 `[X, Y, Z]` in RAS+ canonical orientation, its 4×4 affine)."""
+  if not os.path.exists(path):
+    raise DataError(f"{path}: file not found")
+  if os.path.getsize(path) == 0:
+    raise DataError(f"{path}: file is empty (0 bytes)")
+  try:
+    img = nib.as_closest_canonical(nib.load(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+  except Exception as e:  # nibabel raises many types for truncated/corrupt files.
+    raise DataError(f"{path}: not a readable NIfTI image ({type(e).__name__}: {e})") from e
+  if data.ndim == 4 and data.shape[3] == 1:
+    data = data[..., 0]
+  if data.ndim != 3:
+    raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+  bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+  if bad:
+    raise DataError(f"{path}: {bad} NaN/Inf voxels")
+  return data, img.affine.astype(np.float64)
+
+
+def grid_affine(shape: Sequence[int], fov_mm: float, center_mm: Sequence[float]) -> np.ndarray:
+  """RAS affine of an isotropic grid of `shape` spanning `fov_mm` along its longest axis."""
+  voxel = fov_mm / max(shape)
+  affine = np.diag([voxel, voxel, voxel, 1.0])
+  affine[:3, 3] = np.asarray(center_mm) - voxel * (np.asarray(shape) - 1) / 2.0
+  return affine
+
+
+def conform(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], fov_mm: float,
+            percentiles: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+  """Resamples `data` onto the training grid and normalises to [-1, 1].
+
+  Returns (volume float32 `[D, H, W]`, the grid's affine). The grid is centred on the centre of
+  mass of the voxels above the lower percentile; intensities are clipped to the percentiles.
+  """
+  lo, hi = np.percentile(data, percentiles)
+  if not hi > lo:
+    raise DataError(f"image is constant (percentiles {percentiles} give {lo}, {hi})")
+  com = ndimage.center_of_mass(data > lo)
+  center = (affine @ np.append(com, 1.0))[:3]
+  out_affine = grid_affine(shape, fov_mm, center)
+  vox = np.linalg.inv(affine) @ out_affine   # output voxel → input voxel
+  resampled = ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(shape),
+                                       order=1, mode="constant", cval=lo)
+  norm = np.clip((resampled - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0
+  return norm.astype(np.float32), out_affine
+
+
+def save_volume(path: str, volume: np.ndarray, affine: np.ndarray) -> None:
+  """Writes a 3D float32 volume `[D, H, W]` as NIfTI atomically."""
+  img = nib.Nifti1Image(np.asarray(volume, np.float32), np.asarray(affine, np.float64))
+  with atomic_path(path) as tmp:
+    nib.save(img, tmp)

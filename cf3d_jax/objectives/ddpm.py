@@ -1,0 +1,162 @@
+"""DDPM objective (Ho et al. 2020) with WDM's defaults, and the DDIM sampler (Song et al. 2021).
+
+Pure functions of arrays and keys. Conventions (DESIGN.md §4, as guided-diffusion/wdm-3d):
+- integer timesteps t in [0, T); `alpha_bar[t] = prod_{s<=t} (1 - beta_s)`;
+  `z_t = sqrt(alpha_bar[t]) z0 + sqrt(1 - alpha_bar[t]) eps`;
+- the model sees the raw integer t (as float) and predicts `x0`, `eps` or `v` (config);
+- loss = mean squared error over every element (the 8 wavelet subbands weighted equally);
+- DDIM: at step t → t_prev (t_prev = -1 means alpha_bar = 1) with the predicted x0 clipped by the
+  space (wavelet: IDWT → clamp → DWT) and eps re-derived from the clipped x0, as guided-diffusion's
+  `ddim_sample` does; eta = 0 is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cf3d_jax.errors import ConfigError
+
+PREDICTIONS = ("x0", "eps", "v")
+BETA_SCHEDULES = ("linear", "scaled_linear")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_betas(schedule: str, num_steps: int, beta_start: float, beta_end: float) -> np.ndarray:
+  """Float64 betas `[T]`: 'linear' = linspace(start, end); 'scaled_linear' = linspace(√start, √end)²."""
+  if schedule == "linear":
+    return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
+  if schedule == "scaled_linear":
+    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
+  raise ConfigError(f"config.objective.beta_schedule={schedule!r}: expected one of {BETA_SCHEDULES}")
+
+
+def sampling_timesteps(num_train_steps: int, num_steps: int, spacing: str) -> np.ndarray:
+  """Descending integer timesteps `[num_steps]` visited by the sampler (diffusers' conventions).
+
+  'leading': `arange(n) * (T // n)` (guided-diffusion's "ddimN" respacing: 0, 40, …, 960 for
+  T=1000, n=25); 'trailing': `round(arange(T, 0, -T/n)) - 1`; 'linspace': `round(linspace(0, T-1, n))`.
+  """
+  if not 1 <= num_steps <= num_train_steps:
+    raise ConfigError(f"sampler steps {num_steps} must lie in [1, {num_train_steps}]")
+  if spacing == "leading":
+    steps = np.arange(num_steps) * (num_train_steps // num_steps)
+  elif spacing == "trailing":
+    steps = np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
+  elif spacing == "linspace":
+    steps = np.round(np.linspace(0, num_train_steps - 1, num_steps))
+  else:
+    raise ConfigError(f"config.objective.timestep_spacing={spacing!r}: expected one of {SPACINGS}")
+  return np.sort(steps.astype(np.int64))[::-1].copy()
+
+
+def _gather(values: jnp.ndarray, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
+  """values[t] broadcast to `like`'s rank: `[N] → [N, 1, 1, 1, 1]`."""
+  out = values[t]
+  return out.reshape(out.shape + (1,) * (like.ndim - out.ndim)).astype(like.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPM:
+  """Discrete-time diffusion: training corruption, regression target, DDIM sampling step."""
+  betas: np.ndarray                     # float64 [T]
+  prediction: str = "x0"
+  num_sample_steps: int = 25
+  eta: float = 0.0
+  timestep_spacing: str = "leading"
+
+  @classmethod
+  def from_config(cls, cfg) -> "DDPM":
+    """Builds from `config.objective` (keys: num_train_steps, beta_schedule, beta_start,
+    beta_end, prediction, num_sample_steps, eta, timestep_spacing)."""
+    if cfg.prediction not in PREDICTIONS:
+      raise ConfigError(f"config.objective.prediction={cfg.prediction!r}: expected one of {PREDICTIONS}")
+    betas = make_betas(cfg.beta_schedule, cfg.num_train_steps, cfg.beta_start, cfg.beta_end)
+    obj = cls(betas=betas, prediction=cfg.prediction, num_sample_steps=cfg.num_sample_steps,
+              eta=cfg.eta, timestep_spacing=cfg.timestep_spacing)
+    obj.timesteps()  # validates steps and spacing early.
+    return obj
+
+  @property
+  def num_train_steps(self) -> int:
+    return int(self.betas.shape[0])
+
+  @property
+  def alpha_bar(self) -> np.ndarray:
+    """Float64 `[T]` cumulative product of (1 - beta)."""
+    return np.cumprod(1.0 - self.betas)
+
+  def sample_time(self, key: jax.Array, batch_size: int) -> jnp.ndarray:
+    """Uniform integer training timesteps `[N]` in [0, T)."""
+    return jax.random.randint(key, (batch_size,), 0, self.num_train_steps)
+
+  def corrupt(self, z0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """`z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) noise`; z0, noise `[N, ...]`, t `[N]`."""
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    return _gather(jnp.sqrt(ab), t, z0) * z0 + _gather(jnp.sqrt(1 - ab), t, z0) * noise
+
+  def target(self, z0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """What the network regresses: x0, eps, or `v = sqrt(ab) eps - sqrt(1-ab) x0`."""
+    if self.prediction == "x0":
+      return z0
+    if self.prediction == "eps":
+      return noise
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    return _gather(jnp.sqrt(ab), t, z0) * noise - _gather(jnp.sqrt(1 - ab), t, z0) * z0
+
+  def loss(self, prediction: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
+    """Per-example MSE `[N]` over all remaining axes."""
+    err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+
+  def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
+    """The time value fed to the network: the raw integer timestep, as float32."""
+    return t.astype(jnp.float32)
+
+  def timesteps(self) -> np.ndarray:
+    """Descending sampler timesteps `[S]`."""
+    return sampling_timesteps(self.num_train_steps, self.num_sample_steps, self.timestep_spacing)
+
+  def x0_and_eps(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Converts the network output to (x0, eps) at integer timesteps t `[N]`."""
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    sa, s1 = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
+    if self.prediction == "x0":
+      x0 = model_out
+      return x0, (z_t - sa * x0) / s1
+    if self.prediction == "eps":
+      return (z_t - s1 * model_out) / sa, model_out
+    x0 = sa * z_t - s1 * model_out
+    return x0, s1 * z_t + sa * model_out
+
+  def ddim_step(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray,
+                t_prev: jnp.ndarray, key: jax.Array,
+                clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
+    """One DDIM update z_t → z_{t_prev}; t, t_prev `[N]` ints (t_prev < 0 means alpha_bar = 1).
+
+    `x0` is clipped by `clip_x0` (if given) and eps re-derived from it; with eta > 0 fresh
+    noise from `key` is added (never at the final step).
+    """
+    x0, _ = self.x0_and_eps(model_out, z_t, t)
+    if clip_x0 is not None:
+      x0 = clip_x0(x0)
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    ab_t = _gather(ab, t, z_t)
+    has_prev = (t_prev >= 0).reshape(t_prev.shape + (1,) * (z_t.ndim - 1))
+    ab_prev = jnp.where(has_prev, _gather(ab, jnp.maximum(t_prev, 0), z_t), 1.0)
+    eps = (z_t - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
+    sigma = self.eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t)) * jnp.sqrt(1 - ab_t / ab_prev)
+    mean = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
+    if self.eta == 0.0:
+      return mean
+    noise = jax.random.normal(key, z_t.shape, z_t.dtype)
+    return mean + sigma * noise
+
+  def sampler_step(self, model_out, z_t, t, t_prev, key, clip_x0=None):
+    """The configured sampler's update (DDIM)."""
+    return self.ddim_step(model_out, z_t, t, t_prev, key, clip_x0)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the demo config at smoke size and a workdir with its data prepared once."""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_config(name: str = "demo.py", arg: str | None = "smoke"):
+  """Loads configs/NAME with get_config(arg), as config_flags would (unlocked for tests)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg_" + name[:-3], os.path.join(ROOT, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture
+def smoke_config():
+  return load_config()
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory):
+  """A workdir whose data/ holds the smoke-size phantom shards, reference and text table."""
+  from cf3d_jax.data.prepare import prepare
+  workdir = str(tmp_path_factory.mktemp("prepared"))
+  prepare(load_config(), workdir)
+  return workdir
+
+
+@pytest.fixture
+def workdir_with_data(prepared_data, tmp_path):
+  """A fresh workdir with a copy of the prepared data/ (tests may write anything into it)."""
+  shutil.copytree(os.path.join(prepared_data, "data"), os.path.join(tmp_path, "data"))
+  return str(tmp_path)
+
+
+def run_cli(args, cwd=ROOT, timeout=900):
+  """Runs `python -m cf3d_jax.main ARGS`; returns the CompletedProcess."""
+  import subprocess
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, "-m", "cf3d_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,106 @@
+"""The grain pipeline: subject split, class weights, prompt/null picks, batches, checkpointable state."""
+
+import numpy as np
+import pytest
+
+from cf3d_jax.data import pipeline, records
+from cf3d_jax.data.prepare import data_paths, prepare_table
+from cf3d_jax.errors import PromptError
+from cf3d_jax.text import prompts as prompt_lib
+from cf3d_jax.text.table import load_table
+
+
+def test_split_is_by_subject_deterministic_and_70_15_15():
+  subjects = [f"s{i % 40}" for i in range(100)]   # 40 subjects, several scans each
+  a = pipeline.split_subjects(subjects, (0.7, 0.15, 0.15), seed=3)
+  b = pipeline.split_subjects(list(reversed(subjects)), (0.7, 0.15, 0.15), seed=3)
+  assert a == b
+  assert [len(a[s]) for s in pipeline.SPLITS] == [28, 6, 6]
+  assert not set(a["train"]) & set(a["val"]) and not set(a["train"]) & set(a["test"])
+  assert set(a["train"]) | set(a["val"]) | set(a["test"]) == set(subjects)
+  assert pipeline.split_subjects(subjects, (0.7, 0.15, 0.15), seed=4) != a
+
+
+def test_class_weights_equalise_expected_class_frequency():
+  labels = np.array([0] * 10 + [1] * 5 + [2] * 1)
+  w = pipeline.class_weights(labels, 3)
+  assert w.sum() == pytest.approx(1.0)
+  per_class = [w[labels == c].sum() for c in range(3)]
+  np.testing.assert_allclose(per_class, [1 / 3] * 3)
+
+
+def _stream(workdir, config):
+  paths = data_paths(workdir)
+  index = records.load_index(paths["records"])
+  table = load_table(paths["table"])
+  return index, table, pipeline.make_train_dataset(paths["records"], index, table, config)
+
+
+def test_batches_have_documented_keys_and_shapes(workdir_with_data, smoke_config):
+  _, table, ds = _stream(workdir_with_data, smoke_config)
+  batch = next(iter(ds))
+  b = smoke_config.train.batch_size
+  assert batch["volume"].shape == (b, 16, 16, 16, 1) and batch["volume"].dtype == np.float32
+  assert batch["text_emb"].shape == (b,) + table.embeddings.shape[1:]
+  assert batch["text_mask"].shape == (b, table.embeddings.shape[1]) and batch["text_mask"].dtype == bool
+  assert batch["label"].dtype == np.int32 and batch["is_null"].shape == (b,)
+
+
+def test_weighting_balances_classes_and_null_rate_matches(workdir_with_data, smoke_config):
+  smoke_config.train.batch_size = 50
+  index, table, ds = _stream(workdir_with_data, smoke_config)
+  it = iter(ds)
+  labels, nulls, rows_ok = [], [], True
+  null_row = table.embeddings[table.index(prompt_lib.NULL_PROMPT)]
+  for _ in range(12):
+    b = next(it)
+    labels.append(b["label"])
+    nulls.append(b["is_null"])
+    rows_ok &= bool(np.all(np.isclose(b["text_emb"][b["is_null"]], null_row).all(axis=(1, 2))))
+  labels, nulls = np.concatenate(labels), np.concatenate(nulls)
+  freq = np.bincount(labels, minlength=3) / len(labels)
+  np.testing.assert_allclose(freq, [1 / 3] * 3, atol=0.06)   # train split is imbalanced
+  assert abs(nulls.mean() - 0.2) < 0.04
+  assert rows_ok
+
+
+def test_non_null_prompts_are_templates_of_the_label(workdir_with_data, smoke_config):
+  _, table, ds = _stream(workdir_with_data, smoke_config)
+  it = iter(ds)
+  classes = prompt_lib.MS_CLASSES
+  for _ in range(10):
+    b = next(it)
+    for emb, label, is_null in zip(b["text_emb"], b["label"], b["is_null"]):
+      if is_null:
+        continue
+      allowed = [table.embeddings[table.index(p)]
+                 for p in prompt_lib.DEFAULT_TEMPLATES["ms"][classes[label]]]
+      assert any(np.allclose(emb, a) for a in allowed)
+
+
+def test_iterator_state_restores_the_exact_stream(workdir_with_data, smoke_config):
+  _, _, ds = _stream(workdir_with_data, smoke_config)
+  it = iter(ds)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(3)]
+  it2 = iter(ds)
+  it2.set_state(state)
+  got = [next(it2) for _ in range(3)]
+  for a, b in zip(want, got):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_table_missing_a_prompt_is_a_prompt_error(workdir_with_data, smoke_config, tmp_path):
+  table = load_table(data_paths(workdir_with_data)["table"])
+  keep = [i for i, p in enumerate(table.prompts) if p != "Subject has high lesion load."]
+  import dataclasses
+  small = dataclasses.replace(table, prompts=tuple(table.prompts[i] for i in keep),
+                              embeddings=table.embeddings[keep], mask=table.mask[keep])
+  path = str(tmp_path / "small.npz")
+  small.save(path)
+  smoke_config.text.table = path
+  with pytest.raises(PromptError, match="Subject has high lesion load"):
+    prepare_table(smoke_config, str(tmp_path / "copy.npz"))

@@ -1,0 +1,98 @@
+"""The CLI end to end at smoke size, and its answers to bad input (exit code, message, no debris)."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+
+from conftest import ROOT, run_cli
+
+
+def test_demo_all_mode_end_to_end(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=all"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  index = json.load(open(os.path.join(workdir, "samples", "index.json")))
+  prompts = index["prompts"]
+  assert len(prompts) == 3 and index["guidance_scales"] == [1.0, 3.0]
+  assert len(index["items"]) == 1 * 3 * 2
+  for item in index["items"]:
+    img = nib.load(os.path.join(workdir, "samples", item["nifti"]))
+    assert img.shape == (16, 16, 16)
+    data = np.asarray(img.dataobj)
+    assert np.isfinite(data).all() and data.min() >= -1 and data.max() <= 1
+    assert item["lesion_volume_ml"] >= 0
+  assert set(index["mean_lesion_volume_ml"]) == {"g1", "g3"}
+  assert os.path.exists(os.path.join(workdir, "samples", "g3", "subject_000.png"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  # Re-running sample mode from the same checkpoint reproduces the index exactly.
+  again = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample"])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.load(open(os.path.join(workdir, "samples", "index.json"))) == index
+
+
+def test_misspelt_config_key_is_an_error_naming_it(tmp_path):
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+                  "--config.train.num_step=3"])
+  assert proc.returncode != 0
+  assert "num_step" in proc.stderr
+  assert os.listdir(tmp_path) == []
+
+
+def test_unknown_prompt_is_an_error_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=prepare",
+                  "--config.sample.prompts=('Subject has purple lesions.',)"])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Subject has purple lesions." in proc.stderr
+  assert not os.path.exists(workdir / "data" / "records")
+
+
+def _manifest(tmp_path, rows):
+  lines = ["path,subject_id,lesion_volume_ml"] + [",".join(r) for r in rows]
+  path = tmp_path / "scans.csv"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def _scan(path, nan=False):
+  data = np.random.default_rng(0).uniform(0, 100, (20, 20, 20)).astype(np.float32)
+  if nan:
+    data[3, 3, 3] = np.nan
+  nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+  return str(path)
+
+
+def test_bad_scan_in_manifest_fails_cleanly_or_is_skipped(tmp_path):
+  good = _scan(tmp_path / "good.nii.gz")
+  bad = _scan(tmp_path / "bad.nii.gz", nan=True)
+  manifest = _manifest(tmp_path, [(good, "a", "3.5"), (bad, "b", "30")])
+  args = ["--config=configs/demo.py:smoke", "--mode=prepare", "--config.data.source=manifest",
+          f"--config.data.manifest={manifest}"]
+  workdir = tmp_path / "fail"
+  proc = run_cli(args + [f"--workdir={workdir}"])
+  assert proc.returncode == 2
+  assert "bad.nii.gz" in proc.stderr and "row 3" in proc.stderr and "NaN/Inf" in proc.stderr
+  assert not os.path.exists(workdir / "data" / "records")
+  workdir = tmp_path / "skip"
+  proc = run_cli(args + [f"--workdir={workdir}", "--on_error=skip"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  index = json.load(open(workdir / "data" / "records" / "dataset.json"))
+  assert [r["subject_id"] for r in index["records"]] == ["a"]
+  assert index["skipped"][0]["row"] == 3 and "NaN/Inf" in index["skipped"][0]["error"]
+
+
+def test_manifest_missing_column_and_bad_value(tmp_path):
+  path = tmp_path / "m.csv"
+  path.write_text("path,subject\nx.nii.gz,a\n")
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'w'}",
+                  "--mode=prepare", "--config.data.source=manifest",
+                  f"--config.data.manifest={path}"])
+  assert proc.returncode == 2 and "lacks column" in proc.stderr and "m.csv" in proc.stderr
+  good = _scan(tmp_path / "g.nii.gz")
+  manifest = _manifest(tmp_path, [(good, "a", "-4")])
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'w2'}",
+                  "--mode=prepare", "--config.data.source=manifest",
+                  f"--config.data.manifest={manifest}"])
+  assert proc.returncode == 2 and "row 2" in proc.stderr and "-4" in proc.stderr
