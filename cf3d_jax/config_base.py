@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.phantom = ml_collections.ConfigDict()
   c.data.phantom.deform_mm = 3.0              # amplitude of the per-subject smooth deformation
   c.data.phantom.bias_strength = 0.15         # multiplicative bias field amplitude
-  c.data.phantom.noise_std = 0.03             # Gaussian noise std (intensity units before [-1,1])
+  c.data.phantom.noise_std = 0.03             # Rician noise std (fraction of full scale)
+  c.data.phantom.lesion_radius_mm = (2.5, 6.0)  # range of a lesion's largest semi-axis, mm
 
   c.text = ml_collections.ConfigDict()
   c.text.table = "builtin:ms_minilm"          # embedding table: a .npz path or 'builtin:NAME'
@@ -61,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.middle_dropout = True
   c.model.num_groups = 32
   c.model.resblock_updown = True
+  c.model.conv_impl = "xla"                   # "xla" | "im2col" (faster on CPU; same params)
   c.model.dtype = "float32"                   # compute dtype: 'float32' | 'bfloat16'
   c.model.param_dtype = "float32"
 
@@ -74,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.num_sample_steps = 25           # DDIM steps (WDM best: 25)
   c.objective.eta = 0.0                       # DDIM eta (0 = deterministic)
   c.objective.timestep_spacing = "leading"    # 'leading' | 'trailing' | 'linspace'
+  c.objective.preconditioning = "none"        # 'none' (WDM) | 'skip' (x0 = c_skip z + c_out F)
+  c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1_000_000

@@ -8,7 +8,8 @@ first prompt is the factual reference. Outputs under `WORKDIR/samples/`:
                                                       each prompt, then difference maps vs prompt 0;
   `index.json`                                       every item, and the lesion volume (mL) of each
                                                       generated volume by the rule of
-                                                      `cf3d_jax.metrics.lesion` (phantom data).
+                                                      `cf3d_jax.metrics.lesion` (phantom data),
+                                                      and its mean intensity in the template WM.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
           entry["lesion_volume_ml"] = float(lesion_lib.lesion_volume_ml(
               volumes[(k, p)], reference.wm_mask, reference.voxel_ml,
               config.eval.lesion_threshold))
+          entry["wm_mean_intensity"] = float(volumes[(k, p)][reference.wm_mask].mean())
         entries.append(entry)
       montage(sub_dir + ".png", [volumes[(k, p)] for p in range(len(prompts))], prompts)
   result = {"checkpoint_step": ckpt_step, "seed": config.seed, "prompts": prompts,
@@ -153,11 +155,12 @@ def sample_counterfactuals(config, workdir: str) -> dict:
     result["lesion_rule"] = (f"voxels inside the template white-matter mask with intensity > "
                              f"{config.eval.lesion_threshold} (images in [-1, 1]); volume = count × "
                              f"{reference.voxel_ml:.4f} mL per voxel")
-    result["mean_lesion_volume_ml"] = {
-        f"g{g:g}": {p: float(np.mean([e["lesion_volume_ml"] for e in entries
-                                      if e["prompt"] == p and e["guidance_scale"] == float(g)]))
-                    for p in prompts}
-        for g in config.sample.guidance_scales}
+    for stat in ("lesion_volume_ml", "wm_mean_intensity"):
+      result[f"mean_{stat}"] = {
+          f"g{g:g}": {p: float(np.mean([e[stat] for e in entries
+                                        if e["prompt"] == p and e["guidance_scale"] == float(g)]))
+                      for p in prompts}
+          for g in config.sample.guidance_scales}
   write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
   logging.info("wrote %d volumes to %s", len(entries), out_dir)
   return result

@@ -48,7 +48,7 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
 
 def init_state(model, tx, key: jax.Array, z_shape, text_shape) -> State:
   """Fresh state; z_shape `(N, d, h, w, C)`, text_shape `(L, E)`."""
-  params = unet_lib.init_params(model, key, z_shape, text_shape)
+  params = unet_lib.make_init_fn(model, z_shape, text_shape)(key)
   return {"params": params, "ema": jax.tree.map(jnp.copy, params),
           "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -67,14 +67,14 @@ def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *
   def loss_fn(params):
     out = model.apply({"params": params}, z_t, objective.model_time(t), batch["text_emb"],
                       batch["text_mask"], train=True, rngs={"dropout": k_drop})
-    return jnp.mean(objective.loss(out, target))
+    return jnp.mean(objective.loss(objective.prediction_from_output(out, z_t, t), target))
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
   new_state = {"params": params, "ema": ema, "opt_state": opt_state, "step": state["step"] + 1}
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 def checkpoint_manager(workdir: str, train_config) -> ocp.CheckpointManager:
@@ -131,8 +131,10 @@ def train_and_evaluate(config, workdir: str) -> State:
   init_key, step_key = jax.random.split(base_key)
   z_shape = (config.train.batch_size,) + space.latent_shape(tuple(config.data.shape))
   text_shape = table.embeddings.shape[1:]
-  state = jax.jit(lambda k: init_state(model, tx, k, z_shape, text_shape),
-                  out_shardings=parallel.replicated(mesh))(init_key)
+  init_fn = jax.jit(lambda k: init_state(model, tx, k, z_shape, text_shape),
+                    out_shardings=parallel.replicated(mesh))
+  state = init_fn.lower(init_key).compile(
+      compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(init_key)
   # ---- resume ------------------------------------------------------------------------------
   mngr = checkpoint_manager(workdir, config.train)
   if mngr.latest_step() is not None:
@@ -148,10 +150,13 @@ def train_and_evaluate(config, workdir: str) -> State:
   step = int(state["step"])
   if step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "sample"})
-  t0 = time.time()
+  t0, in_flight = time.time(), None
   while step < config.train.num_steps:
     batch = parallel.put_batch({k: v for k, v in next(data_iter).items() if k != "is_null"}, mesh)
     state, metrics = step_fn(state, batch, step_key)
+    if in_flight is not None:   # at most two steps in flight: bounded memory, honest timing
+      jax.block_until_ready(in_flight)
+    in_flight = metrics["loss"]
     step += 1
     report(step, time.time())
     if step % config.train.log_every == 0 or step == config.train.num_steps:

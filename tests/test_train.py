@@ -16,11 +16,15 @@ from cf3d_jax.spaces import make_space
 
 def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config):
   c = smoke_config
+  c.objective.preconditioning = "none"   # WDM's plain x0 output: the loss starts at the data variance
   model, objective, space = unet_lib.build_unet(c.model), make_objective(c.objective), make_space(c.space)
   tx = optax.adam(1e-3)
   state = train.init_state(model, tx, jax.random.key(0), (2, 8, 8, 8, 8), (1, 4))
   rng = np.random.default_rng(0)
-  batch = {"volume": jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 16, 1)), jnp.float32),
+  grid = np.linspace(-1, 1, 16)
+  blob = np.exp(-(grid[:, None, None] ** 2 + grid[None, :, None] ** 2 + grid[None, None] ** 2) * 3)
+  volume = np.stack([blob * 1.6 - 0.8, 0.8 - blob * 1.6])[..., None]
+  batch = {"volume": jnp.asarray(volume, jnp.float32),
            "text_emb": jnp.asarray(rng.normal(size=(2, 1, 4)), jnp.float32),
            "text_mask": jnp.ones((2, 1), bool), "label": jnp.zeros((2,), jnp.int32)}
   step = jax.jit(lambda s, b: train.train_step(s, b, jax.random.key(1), model=model, tx=tx,
@@ -32,7 +36,8 @@ def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config):
   first = float(fixed(state))
   for _ in range(30):
     state, metrics = step(state, batch)
-  assert float(fixed(state)) < 0.7 * first
+  print("fixed-key loss", first, "→", float(fixed(state)))
+  assert float(fixed(state)) < 0.5 * first
   assert int(state["step"]) == 30
   # EMA moved towards the params but lags them.
   leaf = lambda t: jax.tree.leaves(t)[0]

@@ -427,7 +427,8 @@ def _place_lesions(rng: np.random.Generator, allowed: np.ndarray, weights: np.nd
 
 def make_ms_subject(reference: Reference, lesion_class: str, rng: np.random.Generator, *,
                     deform_mm: float = 3.0, bias_strength: float = 0.15,
-                    noise_std: float = 0.03) -> dict:
+                    noise_std: float = 0.03,
+                    lesion_radius_mm: tuple[float, float] = _LESION_RADIUS_MM) -> dict:
   """Draws one synthetic MS FLAIR subject on the reference grid.
 
   Args:
@@ -438,6 +439,8 @@ def make_ms_subject(reference: Reference, lesion_class: str, rng: np.random.Gene
     bias_strength: maximum relative deviation of the multiplicative bias field in the brain.
     noise_std: Rician noise standard deviation, as a fraction of full scale (0.03 → 0.06 in the
       [-1, 1] output).
+    lesion_radius_mm: (lo, hi) log-uniform range of a lesion's largest semi-axis in mm; hi grows
+      by 0.1 mm per mL of target volume. Larger lesions (e.g. (6, 12)) suit coarse grids.
 
   Returns:
     {'volume': float32 [D, H, W] in [-1, 1], background -1;
@@ -446,6 +449,8 @@ def make_ms_subject(reference: Reference, lesion_class: str, rng: np.random.Gene
      'label': lesion_class}.
   """
   bounds = _check_class(lesion_class)
+  if not 0 < lesion_radius_mm[0] <= lesion_radius_mm[1]:
+    raise ValueError(f'lesion_radius_mm must be (lo, hi) with 0 < lo <= hi; got {lesion_radius_mm!r}')
   if not (deform_mm >= 0 and 0 <= bias_strength < 1 and noise_std >= 0):
     raise ValueError('need deform_mm ≥ 0, 0 ≤ bias_strength < 1, noise_std ≥ 0; got '
                      f'{deform_mm!r}, {bias_strength!r}, {noise_std!r}')
@@ -470,7 +475,7 @@ def make_ms_subject(reference: Reference, lesion_class: str, rng: np.random.Gene
   else:
     weights = np.ones(shape)
   lesion_ml = n_target * reference.voxel_ml
-  radius_mm = (_LESION_RADIUS_MM[0], _LESION_RADIUS_MM[1] + _LESION_RADIUS_PER_ML * lesion_ml)
+  radius_mm = (lesion_radius_mm[0], lesion_radius_mm[1] + _LESION_RADIUS_PER_ML * lesion_ml)
   mask, lesions = _place_lesions(rng, allowed, weights, n_target,
                                  (radius_mm[0] / voxel_mm, radius_mm[1] / voxel_mm))
 

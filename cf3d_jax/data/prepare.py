@@ -48,7 +48,8 @@ def _phantom_records(config, reference: phantoms.Reference) -> Iterator[dict]:
   for i, cls in enumerate(tqdm(classes, desc="phantoms", unit="subject")):
     subj = phantoms.make_ms_subject(reference, cls, np.random.default_rng([config.seed, 13, i]),
                                     deform_mm=p.deform_mm, bias_strength=p.bias_strength,
-                                    noise_std=p.noise_std)
+                                    noise_std=p.noise_std,
+                                    lesion_radius_mm=tuple(p.lesion_radius_mm))
     yield {"volume": subj["volume"][..., None], "affine": reference.affine,
            "subject_id": f"phantom-{i:05d}", "label": prompt_lib.MS_CLASSES.index(cls),
            "clinical_value": subj["lesion_volume_ml"], "lesion_mask": subj["lesion_mask"]}

@@ -7,7 +7,8 @@ parameters for channel_mult (1, 2, 2, 4, 4) and 83,158,728 for (1, 2, 2, 4, 4, 4
 in = out = 8 channels and base 64.
 
 Structure (`L = len(channel_mult)` levels, `B = num_res_blocks`):
-  time:    sinusoidal(t, base) → `time_embed_0` Dense 4·base → SiLU → `time_embed_2` Dense 4·base
+  time:    sinusoidal(t, base) → `time_embed_0` Dense 4·base → SiLU → `time_embed_2` Dense
+           4·base
   encoder: `input_blocks_0` conv3 in→base; per level B ResBlocks `input_blocks_k` to
            mult·base, then (not at the last level) a downsampling ResBlock (avg-pool ×2) or,
            with `resblock_updown=False`, a stride-2 conv (`input_blocks_k/op`).
@@ -42,7 +43,7 @@ Logical axis names (mapped to mesh axes in `cf3d_jax.parallel`):
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -52,7 +53,11 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.models import layers
-from cf3d_jax.models.layers import PARAM_AXIS_NAMES, VOLUME_AXES  # noqa: F401 (re-export)
+from cf3d_jax.models.layers import PARAM_AXIS_NAMES, VOLUME_AXES
+
+__all__ = ['INIT_COMPILER_OPTIONS', 'PARAM_AXIS_NAMES', 'VOLUME_AXES', 'UNet',
+           'UNetConfigError', 'abstract_params', 'build_unet', 'count_params', 'init_params',
+           'make_init_fn', 'param_logical_axes']
 
 Array = jax.Array
 
@@ -88,6 +93,7 @@ class UNet(nn.Module):
   middle_dropout: bool = False
   num_groups: int = 32
   resblock_updown: bool = True
+  conv_impl: str = 'xla'        # 'xla' | 'im2col' (layers.conv3d; same params, same math)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -109,6 +115,9 @@ class UNet(nn.Module):
         raise UNetConfigError(
             f'UNet channels {mult * self.base_channels} (base_channels={self.base_channels} × '
             f'{mult}) are not divisible by num_groups={self.num_groups}.')
+    if self.conv_impl not in layers.CONV_IMPLS:
+      raise UNetConfigError(f'UNet.conv_impl={self.conv_impl!r}: expected one of '
+                            f'{layers.CONV_IMPLS}.')
     if not 0.0 <= self.dropout < 1.0:
       raise UNetConfigError(f'UNet.dropout must be in [0, 1), got {self.dropout}.')
     if x.ndim != 5:
@@ -177,7 +186,7 @@ class UNet(nn.Module):
     def res_block(out_ch: int, name: str, drop: bool, up: bool = False,
                   down: bool = False) -> layers.ResBlock:
       return layers.ResBlock(out_ch, self.num_groups, self.dropout if drop else 0.0,
-                             up=up, down=down, name=name, **kw)
+                             up=up, down=down, conv_impl=self.conv_impl, name=name, **kw)
 
     base = self.base_channels
     time_dim = 4 * base
@@ -187,7 +196,7 @@ class UNet(nn.Module):
     emb = layers.Dense(time_dim, in_axis='mlp', out_axis='embed', name='time_embed_2',
                        **kw)(nn.silu(emb))
 
-    h = layers.Conv3D(base, 3, name='input_blocks_0', **kw)(x.astype(dtype))
+    h = layers.Conv3D(base, 3, impl=self.conv_impl, name='input_blocks_0', **kw)(x.astype(dtype))
     h = layers.constrain_volume(h)
     skips, skip_channels = [h], [base]
     block = 1
@@ -234,12 +243,13 @@ class UNet(nn.Module):
             h = res_block(out_ch, f'{name}_up', drop_levels[level], up=True)(
                 h, emb, train=train)
           else:
-            h = layers.Upsample(out_ch, name=f'{name}_up', **kw)(h)
+            h = layers.Upsample(out_ch, conv_impl=self.conv_impl, name=f'{name}_up', **kw)(h)
           h = layers.constrain_volume(h)
         block += 1
 
     h = nn.silu(layers.GroupNorm(self.num_groups, param_dtype=param_dtype, name='out_norm')(h))
-    h = layers.Conv3D(self.out_channels, 3, zero_init=True, name='out_conv', **kw)(h)
+    h = layers.Conv3D(self.out_channels, 3, zero_init=True, impl=self.conv_impl, name='out_conv',
+                      **kw)(h)
     return layers.constrain_volume(h).astype(jnp.float32)
 
 
@@ -272,7 +282,7 @@ def build_unet(model_config: Any) -> UNet:
   fields = [f.name for f in dataclasses.fields(UNet) if f.name not in ('parent', 'name')]
   for key in items:
     if key not in fields:
-      close = difflib.get_close_matches(key, fields, n=1, cutoff=0.85)
+      close = difflib.get_close_matches(key, fields, n=1, cutoff=0.9)
       if close:
         raise UNetConfigError(f'model.{key} is not a UNet setting; did you mean '
                               f'model.{close[0]}?')
@@ -289,7 +299,7 @@ def build_unet(model_config: Any) -> UNet:
   return UNet(**kwargs)
 
 
-_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 def _dummy_inputs(model: UNet, x_shape: tuple[int, ...],
@@ -313,19 +323,28 @@ def _boxed_init(model: UNet, key: Array, x_shape: tuple[int, ...],
   return model.init({'params': key}, *_dummy_inputs(model, x_shape, text_shape))['params']
 
 
+def make_init_fn(model: UNet, x_shape: tuple[int, ...],
+                 text_shape: tuple[int, int] | None = None) -> Callable[[Array], Any]:
+  """`key → params` (unboxed), to jit with `out_shardings` for params created sharded.
+
+  Compile it with `compiler_options=INIT_COMPILER_OPTIONS` (see `init_params`).
+  """
+  return lambda key: nn.unbox(_boxed_init(model, key, x_shape, text_shape))
+
+
 def init_params(model: UNet, key: Array, x_shape: tuple[int, ...],
                 text_shape: tuple[int, int] | None = None) -> Any:
   """Initialises the plain (unboxed) param pytree.
 
   x_shape: `[N, D, H, W, C]` or `[D, H, W, C]` (batch is irrelevant; init runs at batch 1,
   jitted, so the forward pass is compiled away); text_shape: `(L, E)` or None.
-  The init is compiled without backend optimisation: XLA spends most of an optimised
-  compile on the hundreds of inlined PRNG calls (37 s against 12 s for the WDM U-Net on a
-  2-core CPU), and the values do not depend on the optimisation level.
+  The init is compiled without backend optimisation (`INIT_COMPILER_OPTIONS`): XLA spends
+  most of an optimised compile on the hundreds of inlined PRNG calls (37 s against 12 s for
+  the WDM U-Net on a 2-core CPU); the random bits are the same, the values agree with an
+  optimised compile's to within float32 rounding (1 ulp).
   """
-  init = jax.jit(lambda k: _boxed_init(model, k, x_shape, text_shape))
-  compiled = init.lower(key).compile(compiler_options=_INIT_COMPILER_OPTIONS)
-  return nn.unbox(compiled(key))
+  init = jax.jit(make_init_fn(model, x_shape, text_shape))
+  return init.lower(key).compile(compiler_options=INIT_COMPILER_OPTIONS)(key)
 
 
 def param_logical_axes(model: UNet, x_shape: tuple[int, ...],

@@ -5,6 +5,12 @@ Pure functions of arrays and keys. Conventions (DESIGN.md §4, as guided-diffusi
   `z_t = sqrt(alpha_bar[t]) z0 + sqrt(1 - alpha_bar[t]) eps`;
 - the model sees the raw integer t (as float) and predicts `x0`, `eps` or `v` (config);
 - loss = mean squared error over every element (the 8 wavelet subbands weighted equally);
+- optional skip preconditioning of an x0 model (`preconditioning='skip'`, as EDM's c_skip/c_out
+  in VP form): `x0 = c_skip z_t + c_out F(z_t)` with `c_skip = a σ_d² / (a² σ_d² + s²)` and
+  `c_out = σ_d s / sqrt(a² σ_d² + s²)` (a = √ab, s = √(1 − ab), σ_d = `sigma_data`). The loss is
+  still MSE on x0; the network only learns the residual of the optimal linear denoiser, so the
+  near-identity at low noise comes for free and small models learn detail far sooner.
+  `'none'` (WDM) uses the network output as x0 directly;
 - DDIM: at step t → t_prev (t_prev = -1 means alpha_bar = 1) with the predicted x0 clipped by the
   space (wavelet: IDWT → clamp → DWT) and eps re-derived from the clipped x0, as guided-diffusion's
   `ddim_sample` does; eta = 0 is deterministic.
@@ -22,6 +28,7 @@ import numpy as np
 from cf3d_jax.errors import ConfigError
 
 PREDICTIONS = ("x0", "eps", "v")
+PRECONDITIONINGS = ("none", "skip")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -68,6 +75,8 @@ class DDPM:
   num_sample_steps: int = 25
   eta: float = 0.0
   timestep_spacing: str = "leading"
+  preconditioning: str = "none"
+  sigma_data: float = 0.5
 
   @classmethod
   def from_config(cls, cfg) -> "DDPM":
@@ -75,9 +84,17 @@ class DDPM:
     beta_end, prediction, num_sample_steps, eta, timestep_spacing)."""
     if cfg.prediction not in PREDICTIONS:
       raise ConfigError(f"config.objective.prediction={cfg.prediction!r}: expected one of {PREDICTIONS}")
+    precond = cfg.get("preconditioning", "none")
+    if precond not in PRECONDITIONINGS:
+      raise ConfigError(f"config.objective.preconditioning={precond!r}: expected one of "
+                        f"{PRECONDITIONINGS}")
+    if precond == "skip" and cfg.prediction != "x0":
+      raise ConfigError("config.objective.preconditioning='skip' needs "
+                        f"config.objective.prediction='x0', got {cfg.prediction!r}")
     betas = make_betas(cfg.beta_schedule, cfg.num_train_steps, cfg.beta_start, cfg.beta_end)
     obj = cls(betas=betas, prediction=cfg.prediction, num_sample_steps=cfg.num_sample_steps,
-              eta=cfg.eta, timestep_spacing=cfg.timestep_spacing)
+              eta=cfg.eta, timestep_spacing=cfg.timestep_spacing, preconditioning=precond,
+              sigma_data=float(cfg.get("sigma_data", 0.5)))
     obj.timesteps()  # validates steps and spacing early.
     return obj
 
@@ -108,6 +125,16 @@ class DDPM:
     ab = jnp.asarray(self.alpha_bar, jnp.float32)
     return _gather(jnp.sqrt(ab), t, z0) * noise - _gather(jnp.sqrt(1 - ab), t, z0) * z0
 
+  def prediction_from_output(self, out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray
+                             ) -> jnp.ndarray:
+    """The network output `F` as a prediction of `target` (applies the preconditioning)."""
+    if self.preconditioning == "none":
+      return out
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    a, s = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
+    var = a ** 2 * self.sigma_data ** 2 + s ** 2
+    return (a * self.sigma_data ** 2 / var) * z_t + (self.sigma_data * s / jnp.sqrt(var)) * out
+
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
     """Per-example MSE `[N]` over all remaining axes."""
     err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
@@ -124,6 +151,7 @@ class DDPM:
   def x0_and_eps(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Converts the network output to (x0, eps) at integer timesteps t `[N]`."""
+    model_out = self.prediction_from_output(model_out, z_t, t)
     ab = jnp.asarray(self.alpha_bar, jnp.float32)
     sa, s1 = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
     if self.prediction == "x0":

@@ -144,3 +144,25 @@ def test_bad_config_values_name_the_key():
     make_objective(_cfg(name="flow"))
   with pytest.raises(ConfigError, match="timestep_spacing"):
     make_objective(_cfg(timestep_spacing="odd"))
+
+
+def test_skip_preconditioning_matches_float64_formula_and_is_optimal_for_gaussians():
+  obj = make_objective(_cfg(preconditioning="skip", sigma_data=0.3))
+  rng = np.random.default_rng(5)
+  z = rng.normal(size=(3, 2, 2, 2, 8)).astype(np.float32)
+  out = rng.normal(size=z.shape).astype(np.float32)
+  t = np.array([0, 300, 999])
+  got = np.asarray(obj.prediction_from_output(jnp.asarray(out), jnp.asarray(z), jnp.asarray(t)))
+  ab = np.cumprod(1 - obj.betas)[t].reshape(-1, 1, 1, 1, 1)
+  a, s, sd = np.sqrt(ab), np.sqrt(1 - ab), 0.3
+  want = a * sd ** 2 / (a ** 2 * sd ** 2 + s ** 2) * z + sd * s / np.sqrt(a ** 2 * sd ** 2 + s ** 2) * out
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # With F = 0 the prediction is E[x0 | z_t] for x0 ~ N(0, σ_d²): DDIM lands on that law.
+  def zero_model(zz, tt, emb, mask):
+    return jnp.zeros_like(zz)
+  obj1000 = make_objective(_cfg(preconditioning="skip", sigma_data=0.3, num_sample_steps=1000))
+  z0 = guidance.sample_loop(obj1000, zero_model, jax.random.normal(jax.random.key(0), (64, 4, 4, 4, 8)),
+                            jnp.zeros((64, 1, 4)), jnp.ones((64, 1), bool), jax.random.key(1))
+  assert abs(float(z0.std()) - 0.3) < 0.01 and abs(float(z0.mean())) < 0.01
+  with pytest.raises(ConfigError, match="preconditioning"):
+    make_objective(_cfg(preconditioning="skip", prediction="eps"))
