@@ -6,7 +6,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 
 def test_demo_all_mode_end_to_end(tmp_path):

@@ -104,3 +104,51 @@ def test_table_missing_a_prompt_is_a_prompt_error(workdir_with_data, smoke_confi
   smoke_config.text.table = path
   with pytest.raises(PromptError, match="Subject has high lesion load"):
     prepare_table(smoke_config, str(tmp_path / "copy.npz"))
+
+
+WORKER_SCRIPT = '''
+import sys
+from absl import app
+
+
+def main(argv):
+  import numpy as np
+  sys.path.insert(0, {tests!r})
+  from conftest import load_config
+  from cf3d_jax.data import pipeline, records
+  from cf3d_jax.data.prepare import data_paths
+  from cf3d_jax.text.table import load_table
+  c = load_config()
+  p = data_paths({workdir!r})
+  index, table = records.load_index(p["records"]), load_table(p["table"])
+  c.data.num_workers = 0
+  it = iter(pipeline.make_train_dataset(p["records"], index, table, c))
+  want = [next(it)["volume"] for _ in range(4)]
+  c.data.num_workers = 2
+  ds = pipeline.make_train_dataset(p["records"], index, table, c)
+  it = iter(ds)
+  got = [next(it)["volume"] for _ in range(3)]
+  state = it.get_state()
+  got.append(next(it)["volume"])
+  it2 = iter(ds)
+  it2.set_state(state)
+  assert all(np.array_equal(a, b) for a, b in zip(want, got)), "workers changed the stream"
+  assert np.array_equal(next(it2)["volume"], want[3]), "worker iterator state did not restore"
+  print("WORKERS_OK")
+
+
+if __name__ == "__main__":
+  app.run(main)
+'''
+
+
+def test_worker_processes_give_the_same_restorable_stream(prepared_data, tmp_path):
+  import os
+  import subprocess
+  import sys
+  tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / "workers.py"
+  script.write_text(WORKER_SCRIPT.format(tests=tests, workdir=prepared_data))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300)
+  assert "WORKERS_OK" in proc.stdout, proc.stderr[-3000:]
