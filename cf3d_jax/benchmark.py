@@ -50,7 +50,11 @@ def time_fn(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 def bench_train(config, repeats: int) -> list[dict]:
   """Train-step timing for each conv formulation at the config's batch and shape."""
   from cf3d_jax import train
+  from cf3d_jax.data.prepare import table_source
+  from cf3d_jax.text.table import load_table
+  length, width = load_table(table_source(config)).embeddings.shape[1:]
   rows = []
+  configured = config.model.conv_impl
   for impl in layers.CONV_IMPLS:
     config.model.conv_impl = impl
     model, objective, space = train.build_components(config)
@@ -58,9 +62,9 @@ def bench_train(config, repeats: int) -> list[dict]:
     b = config.train.batch_size
     shape = tuple(config.data.shape)
     z_shape = (b,) + space.latent_shape(shape)
-    state = train.init_state(model, tx, jax.random.key(0), z_shape, (1, 384))
-    batch = {"volume": jnp.zeros((b,) + shape + (1,)), "text_emb": jnp.ones((b, 1, 384)),
-             "text_mask": jnp.ones((b, 1), bool)}
+    state = train.init_state(model, tx, jax.random.key(0), z_shape, (length, width))
+    batch = {"volume": jnp.zeros((b,) + shape + (1,)),
+             "text_emb": jnp.ones((b, length, width)), "text_mask": jnp.ones((b, length), bool)}
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, objective=objective,
                                      space=space, ema_decay=0.99))
     key = jax.random.key(1)
@@ -68,6 +72,7 @@ def bench_train(config, repeats: int) -> list[dict]:
     rows.append({"bench": "train", "conv_impl": impl, "batch": b, "shape": list(shape),
                  "compile_plus_first_s": round(first, 2), "ms_per_step": round(median * 1e3, 1),
                  "voxels_per_s": round(b * int(np.prod(shape)) / median)})
+  config.model.conv_impl = configured
   return rows
 
 

@@ -116,15 +116,20 @@ def _manifest_records(config, rows: list[dict], on_error: str, skipped: list) ->
            "label": row["label"], "clinical_value": row["clinical_value"]}
 
 
-def prepare_table(config, path: str) -> EmbeddingTable:
-  """Copies `config.text.table` into the workdir after checking it covers every prompt needed."""
+def table_source(config) -> str:
+  """The .npz path that `config.text.table` names ('builtin:NAME' or a path)."""
   src = config.text.table
   if src.startswith("builtin:"):
-    src = builtin_table_path(src[len("builtin:"):])
+    return builtin_table_path(src[len("builtin:"):])
   if not src:
     raise ConfigError("config.text.table is empty: embed the prompts first with "
                       "`python -m cf3d_jax.text.embed` and point config.text.table at the .npz")
-  table = load_table(src)
+  return src
+
+
+def prepare_table(config, path: str) -> EmbeddingTable:
+  """Copies `config.text.table` into the workdir after checking it covers every prompt needed."""
+  table = load_table(table_source(config))
   for p in list(prompt_lib.prompts_for(config.data.dataset)) + list(config.sample.prompts):
     table.index(p)  # PromptError naming the table and the prompt.
   if not os.path.exists(path):
