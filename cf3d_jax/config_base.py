@@ -7,6 +7,8 @@ checks values the type system cannot (names, ranges, shapes) and raises ConfigEr
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from cf3d_jax.errors import ConfigError
@@ -67,17 +69,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.name = "ddpm"                   # 'ddpm'
-  c.objective.num_train_steps = 1000          # T
+  c.objective.name = "ddpm"                   # 'ddpm' (WDM, MAISI Linear) | 'rflow' (MAISI RFlow)
+  c.objective.num_train_steps = 1000          # T (both: rflow times are continuous in [0, T])
+  c.objective.num_sample_steps = 0            # sampler steps; 0 = the family's default (DDIM 25, RFlow 30)
+  c.objective.sampler = "default"             # ddpm: 'ddim' (default) | 'ancestral'; rflow: 'euler' (default) | 'heun'
+  c.objective.loss = "default"                # 'mse' | 'l1'; default: ddpm mse, rflow l1 (MAISI)
+  c.objective.preconditioning = "none"        # 'none' (WDM, MAISI) | 'skip' (EDM-style, see objectives)
+  c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
+  # DDPM only:
   c.objective.beta_schedule = "linear"        # 'linear' | 'scaled_linear'
   c.objective.beta_start = 1e-4
   c.objective.beta_end = 0.02
-  c.objective.prediction = "x0"               # 'x0' (WDM) | 'eps' | 'v'
-  c.objective.num_sample_steps = 25           # DDIM steps (WDM best: 25)
+  c.objective.prediction = "x0"               # 'x0' (WDM) | 'eps' (MAISI Linear) | 'v'
   c.objective.eta = 0.0                       # DDIM eta (0 = deterministic)
   c.objective.timestep_spacing = "leading"    # 'leading' | 'trailing' | 'linspace'
-  c.objective.preconditioning = "none"        # 'none' (WDM) | 'skip' (x0 = c_skip z + c_out F)
-  c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
+  c.objective.ancestral_variance = "fixed_small"  # ancestral sampler: 'fixed_small' | 'fixed_large'
+  # Rectified flow only (MONAI RFlowScheduler):
+  c.objective.time_sampling = "uniform"       # training t: 'uniform' (MAISI) | 'logit-normal'
+  c.objective.logit_normal = (0.0, 1.0)       # (loc, scale) of the logit-normal
+  c.objective.time_shift = True               # resolution shift s' = r s/(1+(r−1)s), train and sample
+  c.objective.shift_base_numel = 32 ** 3      # r = shift_scale · (D·H·W of the diffused tensor / this)^(1/3)
+  c.objective.shift_scale = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 1_000_000
@@ -99,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 8                     # volumes per sampler call
   c.sample.use_ema = True
   c.sample.checkpoint_step = -1               # -1 = latest
+  # Real-subject counterfactuals (sample mode): invert each scan under its factual prompt, then
+  # decode under every prompt. NIfTI paths (comma-separated, globs, folders) or a CSV with a
+  # `path` column and `prompt` or lesion_volume_ml/diagnosis columns. Empty = synthetic subjects.
+  c.sample.source = ""
+  c.sample.source_prompts = ()                # factual prompt per scan; () = the CSV's, else prompts[0]
+  c.sample.inversion_refine = 3               # fixed-point refinements per inversion step (0 = plain)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lesion_threshold = 0.2               # lesion rule: intensity > this inside template WM
@@ -106,6 +124,72 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)                   # (data, fsdp, spatial); -1 = the remaining devices
   return c
+
+
+OBJECTIVE_PRESETS = {
+    # WDM (wdm-3d): DDPM, linear betas 1e-4 → 0.02, x0 prediction, MSE, DDIM 25 ("leading").
+    "wdm": dict(name="ddpm", beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                prediction="x0", sampler="ddim", num_sample_steps=25, eta=0.0,
+                timestep_spacing="leading", loss="mse", preconditioning="none"),
+    # MAISI Linear: DDPM 1000 steps, scaled-linear betas 0.0015 → 0.0195, epsilon prediction,
+    # no sample clipping (the latent space has none), ancestral sampling over all 1000 steps.
+    "maisi_linear": dict(name="ddpm", beta_schedule="scaled_linear", beta_start=0.0015,
+                         beta_end=0.0195, prediction="eps", sampler="ancestral",
+                         num_sample_steps=1000, timestep_spacing="leading", loss="mse",
+                         preconditioning="none"),
+    # MAISI RFlow: rectified flow, uniform continuous t with the resolution shift, velocity, L1,
+    # Euler 30.
+    "maisi_rflow": dict(name="rflow", sampler="euler", num_sample_steps=30,
+                        time_sampling="uniform", time_shift=True, shift_base_numel=32 ** 3,
+                        shift_scale=1.0, loss="l1", preconditioning="none"),
+}
+
+
+def apply_objective_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """Sets `c.objective` to one model family's published settings ('wdm' | 'maisi_linear' |
+  'maisi_rflow'); other keys keep their values. Returns c."""
+  if preset not in OBJECTIVE_PRESETS:
+    raise ConfigError(f"objective preset {preset!r}: expected one of {sorted(OBJECTIVE_PRESETS)}")
+  for key, value in OBJECTIVE_PRESETS[preset].items():
+    c.objective[key] = value
+  return c
+
+
+DATASET_DEFAULTS = {
+    "ms": dict(table="builtin:ms_minilm",
+               prompts=("Subject has minimal lesion load.", "Subject has moderate lesion load.",
+                        "Subject has high lesion load.")),
+    "adni": dict(table="builtin:adni_minilm",
+                 prompts=("Subject is cognitively normal.",
+                          "Subject has mild cognitive impairment.",
+                          "Subject has Alzheimer's disease.")),
+}
+
+
+def apply_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+  """Switches data.dataset and what goes with it: the builtin text table and the sample prompts
+  (canonical prompt per class, the first = the factual reference). Returns c."""
+  if dataset not in DATASET_DEFAULTS:
+    raise ConfigError(f"dataset {dataset!r}: expected one of {sorted(DATASET_DEFAULTS)}")
+  c.data.dataset = dataset
+  c.text.table = DATASET_DEFAULTS[dataset]["table"]
+  c.sample.prompts = DATASET_DEFAULTS[dataset]["prompts"]
+  return c
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads a config file's `get_config(arg)` as `--config=PATH:ARG` would (unlocked): for
+  notebooks and tests."""
+  import importlib.util
+  if not os.path.exists(path):
+    raise ConfigError(f"{path}: config file not found")
+  name = "cf3d_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config(arg)")
+  return module.get_config(arg)
 
 
 def _check(cond: bool, key: str, value, expected: str) -> None:
@@ -120,8 +204,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "'phantom' or 'manifest'")
   _check(c.data.source != "manifest" or bool(c.data.manifest), "data.manifest", c.data.manifest,
          "a CSV path when data.source='manifest'")
-  _check(c.data.source != "phantom" or c.data.dataset == "ms", "data.dataset", c.data.dataset,
-         "'ms' for phantoms (the AD phantom is not built yet)")
   _check(len(c.data.shape) == 3 and all(int(s) > 0 for s in c.data.shape), "data.shape",
          c.data.shape, "three positive ints")
   _check(len(c.data.split) == 3 and abs(sum(c.data.split) - 1) < 1e-6, "data.split",
@@ -135,4 +217,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(len(c.sample.prompts) >= 1, "sample.prompts", c.sample.prompts, "at least one prompt")
   _check(len(c.sample.guidance_scales) >= 1, "sample.guidance_scales",
          c.sample.guidance_scales, "at least one scale")
+  _check(c.sample.inversion_refine >= 0, "sample.inversion_refine", c.sample.inversion_refine,
+         ">= 0")
+  _check(c.objective.num_sample_steps >= 0, "objective.num_sample_steps",
+         c.objective.num_sample_steps, ">= 0 (0 = the objective's default)")
   _check(len(c.mesh.shape) == 3, "mesh.shape", c.mesh.shape, "(data, fsdp, spatial)")

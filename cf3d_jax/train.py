@@ -98,7 +98,9 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: State, step: int 
 
 def build_components(config):
   """(model, objective, space) named by the config."""
-  return unet_lib.build_unet(config.model), make_objective(config.objective), make_space(config.space)
+  space = make_space(config.space)
+  objective = make_objective(config.objective, space.latent_shape(tuple(config.data.shape)))
+  return unet_lib.build_unet(config.model), objective, space
 
 
 def abstract_state(model, tx, config, text_shape) -> State:

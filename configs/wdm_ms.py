@@ -5,11 +5,12 @@ Real data: add --config.data.source=manifest --config.data.manifest=scans.csv
 Variants (get_config arg): 'res256' switches to 256³ with wdm-3d's 6-level U-Net at batch 1.
 """
 
-from cf3d_jax.config_base import base_config
+from cf3d_jax.config_base import apply_objective_preset, base_config
 
 
 def get_config(arg: str | None = None):
-  config = base_config()                    # 128³, 8 × 64³ subbands, DDPM linear, DDIM 25
+  config = base_config()                    # 128³, 8 × 64³ subbands
+  apply_objective_preset(config, "wdm")     # DDPM linear 1e-4 → 0.02, x0, DDIM 25
   config.train.batch_size = 10              # wdm-3d at 128³ (the paper: 1 at 256³)
   if arg == "res256":
     config.data.shape = (256, 256, 256)

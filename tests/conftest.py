@@ -13,11 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def load_config(name: str = "demo.py", arg: str | None = "smoke"):
   """Loads configs/NAME with get_config(arg), as config_flags would (unlocked for tests)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg_" + name[:-3], os.path.join(ROOT, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from cf3d_jax.config_base import load_config_file
+  return load_config_file(os.path.join(ROOT, "configs", name), arg)
 
 
 @pytest.fixture

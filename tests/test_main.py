@@ -30,6 +30,54 @@ def test_demo_all_mode_end_to_end(tmp_path):
   again = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample"])
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.load(open(os.path.join(workdir, "samples", "index.json"))) == index
+  # Real-subject counterfactuals: invert two scans (comma-separated), decode under every prompt.
+  scans = [os.path.join(workdir, "samples", index["items"][i]["nifti"]) for i in (0, 2)]
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample",
+                  "--config.sample.source=" + ",".join(scans),
+                  "--config.sample.guidance_scales=(1.0,)"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  real = json.load(open(os.path.join(workdir, "samples_source", "index.json")))
+  assert [s["path"] for s in real["sources"]] == scans
+  assert all(s["factual_prompt"] == prompts[0] for s in real["sources"])
+  assert all(np.isfinite(s["reconstruction_psnr_db"]) for s in real["sources"])
+  assert len(real["items"]) == 2 * 3
+  for item in real["items"]:
+    assert os.path.exists(os.path.join(workdir, "samples_source", item["nifti"]))
+    assert np.isfinite(item["psnr_vs_input_db"])
+  assert os.path.exists(os.path.join(workdir, "samples_source", "g1", "subject_001",
+                                     "input.nii.gz"))
+  assert os.path.exists(os.path.join(workdir, "samples_source", "g1", "subject_001.png"))
+
+
+def test_demo_switches_to_rectified_flow_with_one_override(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=all",
+                  "--config.objective.name=rflow"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  index = json.load(open(os.path.join(workdir, "samples", "index.json")))
+  assert len(index["items"]) == 1 * 3 * 2
+  for item in index["items"]:
+    data = np.asarray(nib.load(os.path.join(workdir, "samples", item["nifti"])).dataobj)
+    assert data.shape == (16, 16, 16) and np.isfinite(data).all()
+  # A source CSV gives each scan its factual prompt from its clinical value; a missing scan is
+  # an error naming the CSV row, and nothing is written.
+  scan = os.path.join(workdir, "samples", index["items"][0]["nifti"])
+  csv_path = tmp_path / "sources.csv"
+  csv_path.write_text(f"path,lesion_volume_ml\n{scan},30\n")
+  rflow = ["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample",
+           "--config.objective.name=rflow"]
+  proc = run_cli(rflow + [f"--config.sample.source={csv_path}",
+                          "--config.sample.guidance_scales=(3.0,)"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  real = json.load(open(os.path.join(workdir, "samples_source", "index.json")))
+  assert real["objective"] == "rflow"
+  assert real["sources"][0]["factual_prompt"] == "Subject has high lesion load."
+  assert {i["guidance_scale"] for i in real["items"]} == {3.0}
+  csv_path.write_text("path,lesion_volume_ml\nmissing.nii.gz,30\n")
+  os.remove(os.path.join(workdir, "samples_source", "index.json"))
+  proc = run_cli(rflow + [f"--config.sample.source={csv_path}"])
+  assert proc.returncode == 2 and "sources.csv row 2" in proc.stderr and "not found" in proc.stderr
+  assert not os.path.exists(os.path.join(workdir, "samples_source", "index.json"))
 
 
 def test_misspelt_config_key_is_an_error_naming_it(tmp_path):

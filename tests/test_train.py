@@ -7,18 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from cf3d_jax import train
-from cf3d_jax.models import unet as unet_lib
-from cf3d_jax.objectives import make_objective
-from cf3d_jax.spaces import make_space
 
 
-def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config):
+@pytest.mark.parametrize("name", ["ddpm", "rflow"])
+def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config, name):
   c = smoke_config
-  c.objective.preconditioning = "none"   # WDM's plain x0 output: the loss starts at the data variance
-  model, objective, space = unet_lib.build_unet(c.model), make_objective(c.objective), make_space(c.space)
-  tx = optax.adam(1e-3)
+  c.objective.name = name
+  c.objective.preconditioning = "none"   # plain network output: the loss starts high
+  model, objective, space = train.build_components(c)
+  tx = optax.adam(3e-3)
   state = train.init_state(model, tx, jax.random.key(0), (2, 8, 8, 8, 8), (1, 4))
   rng = np.random.default_rng(0)
   grid = np.linspace(-1, 1, 16)
@@ -34,11 +34,12 @@ def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config):
       dict(s, step=jnp.zeros((), jnp.int32)), batch, jax.random.key(2), model=model, tx=tx,
       objective=objective, space=space, ema_decay=0.9)[1]["loss"])
   first = float(fixed(state))
-  for _ in range(30):
+  for _ in range(60):
     state, metrics = step(state, batch)
   print("fixed-key loss", first, "→", float(fixed(state)))
-  assert float(fixed(state)) < 0.5 * first
-  assert int(state["step"]) == 30
+  # Both targets are fixed at a fixed key: x0 is learnt fast, the velocity (mostly noise) slower.
+  assert float(fixed(state)) < {"ddpm": 0.5, "rflow": 0.85}[name] * first
+  assert int(state["step"]) == 60
   # EMA moved towards the params but lags them.
   leaf = lambda t: jax.tree.leaves(t)[0]
   assert not np.allclose(leaf(state["ema"]), leaf(state["params"]))

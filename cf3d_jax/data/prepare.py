@@ -3,8 +3,8 @@
 Layout: `data/records/` (shards + dataset.json, see `records`), `data/text_table.npz`,
 `data/reference.npz` (phantoms: the grid and template maps the lesion rule needs).
 Each piece is written atomically and skipped when already complete, so an interrupted prepare
-re-runs cleanly. Sources: `phantom` (synthetic MS FLAIR, ground truth stored per subject) and
-`manifest` (a CSV of NIfTI scans; see `read_manifest`).
+re-runs cleanly. Sources: `phantom` (synthetic MS FLAIR or, for dataset 'adni', AD T1; ground
+truth stored per subject) and `manifest` (a CSV of NIfTI scans; see `read_manifest`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def data_paths(workdir: str) -> dict[str, str]:
           "reference": os.path.join(data, "reference.npz")}
 
 
-def phantom_classes(num_subjects: int, fractions, seed: int) -> list[str]:
-  """Class of each phantom subject: counts ∝ fractions (≥ 1 each), order shuffled by seed."""
-  classes = prompt_lib.MS_CLASSES
+def phantom_classes(num_subjects: int, fractions, seed: int, dataset: str = "ms") -> list[str]:
+  """Class of each phantom subject of `dataset` ('ms' | 'adni'): counts ∝ fractions (≥ 1 each),
+  order shuffled by seed."""
+  classes = prompt_lib.CLASSES[dataset]
+  if len(fractions) != len(classes):
+    raise ConfigError(f"config.data.class_fractions={tuple(fractions)!r}: expected one fraction "
+                      f"per {dataset} class {list(classes)}")
   counts = np.maximum(1, np.floor(np.asarray(fractions) * num_subjects).astype(int))
   counts[0] += num_subjects - counts.sum()
   labels = np.repeat(np.arange(len(classes)), counts)
@@ -42,17 +46,29 @@ def phantom_classes(num_subjects: int, fractions, seed: int) -> list[str]:
 
 
 def _phantom_records(config, reference: phantoms.Reference) -> Iterator[dict]:
+  """Synthetic subjects: MS FLAIR (label: lesion class, clinical_value: lesion mL, lesion_mask)
+  or, for dataset 'adni', AD T1 (label: CN/MCI/AD, clinical_value: lateral ventricle mL,
+  ventricle_mask)."""
   from tqdm import tqdm
-  classes = phantom_classes(config.data.num_subjects, config.data.class_fractions, config.seed)
+  dataset = config.data.dataset
+  classes = phantom_classes(config.data.num_subjects, config.data.class_fractions, config.seed,
+                            dataset)
   p = config.data.phantom
   for i, cls in enumerate(tqdm(classes, desc="phantoms", unit="subject")):
-    subj = phantoms.make_ms_subject(reference, cls, np.random.default_rng([config.seed, 13, i]),
-                                    deform_mm=p.deform_mm, bias_strength=p.bias_strength,
-                                    noise_std=p.noise_std,
-                                    lesion_radius_mm=tuple(p.lesion_radius_mm))
+    rng = np.random.default_rng([config.seed, 13, i])
+    if dataset == "adni":
+      subj = phantoms.make_ad_subject(reference, cls, rng, deform_mm=p.deform_mm,
+                                      bias_strength=p.bias_strength, noise_std=p.noise_std)
+      extra = {"clinical_value": subj["ventricle_volume_ml"],
+               "ventricle_mask": subj["ventricle_mask"]}
+    else:
+      subj = phantoms.make_ms_subject(reference, cls, rng, deform_mm=p.deform_mm,
+                                      bias_strength=p.bias_strength, noise_std=p.noise_std,
+                                      lesion_radius_mm=tuple(p.lesion_radius_mm))
+      extra = {"clinical_value": subj["lesion_volume_ml"], "lesion_mask": subj["lesion_mask"]}
     yield {"volume": subj["volume"][..., None], "affine": reference.affine,
-           "subject_id": f"phantom-{i:05d}", "label": prompt_lib.MS_CLASSES.index(cls),
-           "clinical_value": subj["lesion_volume_ml"], "lesion_mask": subj["lesion_mask"]}
+           "subject_id": f"phantom-{i:05d}", "label": prompt_lib.CLASSES[dataset].index(cls),
+           **extra}
 
 
 def read_manifest(path: str, dataset: str) -> list[dict]:

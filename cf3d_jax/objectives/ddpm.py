@@ -11,9 +11,17 @@ Pure functions of arrays and keys. Conventions (DESIGN.md §4, as guided-diffusi
   still MSE on x0; the network only learns the residual of the optimal linear denoiser, so the
   near-identity at low noise comes for free and small models learn detail far sooner.
   `'none'` (WDM) uses the network output as x0 directly;
-- DDIM: at step t → t_prev (t_prev = -1 means alpha_bar = 1) with the predicted x0 clipped by the
-  space (wavelet: IDWT → clamp → DWT) and eps re-derived from the clipped x0, as guided-diffusion's
-  `ddim_sample` does; eta = 0 is deterministic.
+- samplers (`config.objective.sampler`): 'ddim' (default; Song et al., eta from config, any step
+  count and spacing) and 'ancestral' (Ho et al.'s posterior q(z_{t'} | z_t, x0) on the same
+  possibly respaced grid, as diffusers' DDPMScheduler: 'fixed_small' variance
+  β̃ = (1 − ᾱ_{t'})/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_{t'}) or 'fixed_large' β = 1 − ᾱ_t/ᾱ_{t'}; 1000 steps =
+  the original sampler). At step t → t_prev (t_prev = -1 means alpha_bar = 1) the predicted x0 is
+  clipped by the space (wavelet: IDWT → clamp → DWT) and eps re-derived from the clipped x0, as
+  guided-diffusion's `ddim_sample` does. No noise is added on the last step (t_prev = -1).
+- inversion (`inversion_step`): deterministic DDIM run backwards, t → t_next > t, with the model
+  evaluated at (z_t, t_next) — the time the forward step from t_next evaluates at — and
+  `z_{t_next} = √ᾱ_{t_next} x0 + √(1 − ᾱ_{t_next}) eps`, `x0 = (z_t − √(1 − ᾱ_t) eps)/√ᾱ_t`
+  (diffusers' DDIMInverseScheduler; from t = -1, x0 = z).
 """
 
 from __future__ import annotations
@@ -26,11 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax.errors import ConfigError
+from cf3d_jax.objectives.common import ClipFn, ModelEval, check_loss, per_example_loss
 
 PREDICTIONS = ("x0", "eps", "v")
 PRECONDITIONINGS = ("none", "skip")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddim", "ancestral")
+VARIANCES = ("fixed_small", "fixed_large")
+DEFAULT_SAMPLE_STEPS = 25   # WDM's DDIM 25
 
 
 def make_betas(schedule: str, num_steps: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -77,11 +89,18 @@ class DDPM:
   timestep_spacing: str = "leading"
   preconditioning: str = "none"
   sigma_data: float = 0.5
+  sampler: str = "ddim"
+  ancestral_variance: str = "fixed_small"
+  loss_kind: str = "mse"
+  final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
 
   @classmethod
-  def from_config(cls, cfg) -> "DDPM":
+  def from_config(cls, cfg, latent_shape=None) -> "DDPM":
     """Builds from `config.objective` (keys: num_train_steps, beta_schedule, beta_start,
-    beta_end, prediction, num_sample_steps, eta, timestep_spacing)."""
+    beta_end, prediction, num_sample_steps (0 = 25), eta, timestep_spacing, preconditioning,
+    sigma_data, sampler ('default' = 'ddim'), ancestral_variance, loss ('default' = 'mse')).
+    `latent_shape` is unused (the rectified flow's time shift needs it)."""
+    del latent_shape
     if cfg.prediction not in PREDICTIONS:
       raise ConfigError(f"config.objective.prediction={cfg.prediction!r}: expected one of {PREDICTIONS}")
     precond = cfg.get("preconditioning", "none")
@@ -91,10 +110,24 @@ class DDPM:
     if precond == "skip" and cfg.prediction != "x0":
       raise ConfigError("config.objective.preconditioning='skip' needs "
                         f"config.objective.prediction='x0', got {cfg.prediction!r}")
+    sampler = cfg.get("sampler", "default")
+    sampler = "ddim" if sampler == "default" else sampler
+    if sampler not in SAMPLERS:
+      raise ConfigError(f"config.objective.sampler={sampler!r}: the 'ddpm' objective offers "
+                        f"'default' or one of {SAMPLERS}")
+    variance = cfg.get("ancestral_variance", "fixed_small")
+    if variance not in VARIANCES:
+      raise ConfigError(f"config.objective.ancestral_variance={variance!r}: expected one of "
+                        f"{VARIANCES}")
+    if not 0.0 <= cfg.eta <= 1.0:
+      raise ConfigError(f"config.objective.eta={cfg.eta!r}: expected a value in [0, 1]")
     betas = make_betas(cfg.beta_schedule, cfg.num_train_steps, cfg.beta_start, cfg.beta_end)
-    obj = cls(betas=betas, prediction=cfg.prediction, num_sample_steps=cfg.num_sample_steps,
+    obj = cls(betas=betas, prediction=cfg.prediction,
+              num_sample_steps=int(cfg.num_sample_steps) or DEFAULT_SAMPLE_STEPS,
               eta=cfg.eta, timestep_spacing=cfg.timestep_spacing, preconditioning=precond,
-              sigma_data=float(cfg.get("sigma_data", 0.5)))
+              sigma_data=float(cfg.get("sigma_data", 0.5)), sampler=sampler,
+              ancestral_variance=variance,
+              loss_kind=check_loss(cfg.get("loss", "default"), "mse"))
     obj.timesteps()  # validates steps and spacing early.
     return obj
 
@@ -136,9 +169,8 @@ class DDPM:
     return (a * self.sigma_data ** 2 / var) * z_t + (self.sigma_data * s / jnp.sqrt(var)) * out
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
-    """Per-example MSE `[N]` over all remaining axes."""
-    err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
-    return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+    """Per-example loss `[N]` (MSE by default) over all remaining axes."""
+    return per_example_loss(prediction, target, self.loss_kind)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: the raw integer timestep, as float32."""
@@ -185,6 +217,57 @@ class DDPM:
     noise = jax.random.normal(key, z_t.shape, z_t.dtype)
     return mean + sigma * noise
 
-  def sampler_step(self, model_out, z_t, t, t_prev, key, clip_x0=None):
-    """The configured sampler's update (DDIM)."""
-    return self.ddim_step(model_out, z_t, t, t_prev, key, clip_x0)
+  def posterior(self, x0: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean and variance of q(z_{t_prev} | z_t, x0) on a respaced grid (diffusers' DDPMScheduler).
+
+    With ᾱ' = ᾱ_{t_prev} (1 if t_prev < 0), α = ᾱ_t/ᾱ', β = 1 − α: mean =
+    √ᾱ' β/(1 − ᾱ_t) x0 + √α (1 − ᾱ')/(1 − ᾱ_t) z_t; variance 'fixed_small' (1 − ᾱ')/(1 − ᾱ_t) β
+    or 'fixed_large' β, and 0 on the last step.
+    """
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    ab_t = _gather(ab, t, z_t)
+    has_prev = (t_prev >= 0).reshape(t_prev.shape + (1,) * (z_t.ndim - 1))
+    ab_prev = jnp.where(has_prev, _gather(ab, jnp.maximum(t_prev, 0), z_t), 1.0)
+    alpha = ab_t / ab_prev
+    beta = 1.0 - alpha
+    mean = (jnp.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
+        (jnp.sqrt(alpha) * (1 - ab_prev) / (1 - ab_t)) * z_t
+    var = (1 - ab_prev) / (1 - ab_t) * beta if self.ancestral_variance == "fixed_small" else beta
+    return mean, jnp.where(has_prev, jnp.maximum(var, 1e-20), 0.0)
+
+  def ancestral_step(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray,
+                     t_prev: jnp.ndarray, key: jax.Array, clip_x0: ClipFn | None = None
+                     ) -> jnp.ndarray:
+    """One ancestral DDPM update z_t → z_{t_prev} ~ q(· | z_t, x0̂) (x0̂ clipped by `clip_x0`)."""
+    x0, _ = self.x0_and_eps(model_out, z_t, t)
+    if clip_x0 is not None:
+      x0 = clip_x0(x0)
+    mean, var = self.posterior(x0, z_t, t, t_prev)
+    return mean + jnp.sqrt(var) * jax.random.normal(key, z_t.shape, z_t.dtype)
+
+  def sampler_step(self, model_eval: ModelEval, z_t: jnp.ndarray, t: jnp.ndarray,
+                   t_prev: jnp.ndarray, key: jax.Array, clip_x0: ClipFn | None = None
+                   ) -> jnp.ndarray:
+    """The configured sampler's update z_t → z_{t_prev} (one network call)."""
+    out = model_eval(z_t, t)
+    if self.sampler == "ancestral":
+      return self.ancestral_step(out, z_t, t, t_prev, key, clip_x0)
+    return self.ddim_step(out, z_t, t, t_prev, key, clip_x0)
+
+  def ode_step(self, model_eval: ModelEval, z_t: jnp.ndarray, t: jnp.ndarray,
+               t_prev: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
+    """Deterministic DDIM (eta = 0) z_t → z_{t_prev}: the map that inversion undoes."""
+    return dataclasses.replace(self, eta=0.0).ddim_step(model_eval(z_t, t), z_t, t, t_prev,
+                                                        jax.random.key(0), clip_x0)
+
+  def inversion_step(self, model_eval: ModelEval, z: jnp.ndarray, t: jnp.ndarray,
+                     t_next: jnp.ndarray) -> jnp.ndarray:
+    """DDIM inversion z_t → z_{t_next} (t_next > t; t = -1 is the clean end)."""
+    _, eps = self.x0_and_eps(model_eval(z, t_next), z, t_next)
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    has_t = (t >= 0).reshape(t.shape + (1,) * (z.ndim - 1))
+    ab_t = jnp.where(has_t, _gather(ab, jnp.maximum(t, 0), z), 1.0)
+    ab_n = _gather(ab, t_next, z)
+    x0 = (z - jnp.sqrt(1 - ab_t) * eps) / jnp.sqrt(ab_t)
+    return jnp.sqrt(ab_n) * x0 + jnp.sqrt(1 - ab_n) * eps

@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # model_fn(z_t [N,...], t [N] float, text_emb [N,L,E], text_mask [N,L]) -> output [N,...]
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -35,25 +36,65 @@ def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jn
   return fn
 
 
+def _grid(objective) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(times `[S]` descending, next times `[S]` ending at the objective's clean end)."""
+  steps = np.asarray(objective.timesteps())
+  nxt = np.concatenate([steps[1:], np.asarray([objective.final_time], steps.dtype)])
+  return jnp.asarray(steps), jnp.asarray(nxt)
+
+
+def _bind(objective, model_fn: ModelFn, text_emb: jnp.ndarray, text_mask: jnp.ndarray):
+  """model_eval(z, t) with the text bound and t converted by `objective.model_time`."""
+  return lambda z, t: model_fn(z, objective.model_time(t), text_emb, text_mask).astype(z.dtype)
+
+
 def sample_loop(objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jnp.ndarray,
                 text_mask: jnp.ndarray, key: jax.Array,
-                clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None) -> jnp.ndarray:
-  """Runs the objective's sampler from `z_start` (pure noise) over `objective.timesteps()`.
+                clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
+                deterministic: bool = False) -> jnp.ndarray:
+  """Runs the objective's sampler from `z_start` (pure noise, or an inversion) to the clean end.
 
   z_start `[N, ...]`; text_emb `[N, L, E]`; returns z0 `[N, ...]`. The step key is
-  `fold_in(key, i)` for step i.
+  `fold_in(key, i)` for step i. `deterministic=True` uses the objective's ODE step (DDIM η = 0
+  for DDPM, Euler/Heun for rectified flow) whatever sampler the config names — the map that
+  `invert_loop` undoes.
   """
-  steps = jnp.asarray(objective.timesteps())
-  prev = jnp.concatenate([steps[1:], jnp.asarray([-1], steps.dtype)])
+  steps, nxt = _grid(objective)
   n = z_start.shape[0]
+  model_eval = _bind(objective, model_fn, text_emb, text_mask)
 
   def body(z, xs):
-    i, t, t_prev = xs
-    tt = jnp.full((n,), t)
-    out = model_fn(z, objective.model_time(tt), text_emb, text_mask)
-    z = objective.sampler_step(out.astype(z.dtype), z, tt, jnp.full((n,), t_prev),
-                               jax.random.fold_in(key, i), clip_x0)
-    return z, None
+    i, t, t_next = xs
+    tt, tn = jnp.full((n,), t), jnp.full((n,), t_next)
+    if deterministic:
+      return objective.ode_step(model_eval, z, tt, tn, clip_x0), None
+    return objective.sampler_step(model_eval, z, tt, tn, jax.random.fold_in(key, i), clip_x0), None
 
-  z, _ = jax.lax.scan(body, z_start, (jnp.arange(steps.shape[0]), steps, prev))
+  z, _ = jax.lax.scan(body, z_start, (jnp.arange(steps.shape[0]), steps, nxt))
+  return z
+
+
+def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,
+                text_mask: jnp.ndarray, refine_iters: int = 0) -> jnp.ndarray:
+  """Deterministic inversion: clean z0 `[N, ...]` → the start noise that `sample_loop(...,
+  deterministic=True)` maps back to (approximately) z0, on the same time grid in reverse.
+
+  Each step is the objective's `inversion_step` (the model evaluated at the current state and
+  the step's noisier time), then `refine_iters` fixed-point corrections
+  `z_b ← z_b + (z_a − ode_step(z_b, b → a))`, which make each step the exact inverse of the
+  sampler's step when they converge (each costs one ODE step of network calls). No clipping.
+  """
+  steps, nxt = _grid(objective)
+  n = z0.shape[0]
+  model_eval = _bind(objective, model_fn, text_emb, text_mask)
+
+  def body(z_a, xs):
+    t_b, t_a = xs
+    tb, ta = jnp.full((n,), t_b), jnp.full((n,), t_a)
+    z_b = objective.inversion_step(model_eval, z_a, ta, tb)
+    for _ in range(refine_iters):
+      z_b = z_b + (z_a - objective.ode_step(model_eval, z_b, tb, ta))
+    return z_b, None
+
+  z, _ = jax.lax.scan(body, z0, (steps[::-1], nxt[::-1]))
   return z

