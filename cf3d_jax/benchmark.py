@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from cf3d_jax.data import bench as data_bench
 from cf3d_jax.files import write_text
 from cf3d_jax.models import layers
 
@@ -32,6 +33,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config f
 _WHAT = flags.DEFINE_list("what", ["train", "conv"], "Benchmarks to run: train, conv.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
 _OUTPUT = flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
+# --what=memory (cf3d_jax.memory): AOT-compiled train step, per-device memory and FLOPs.
+_MEM_CONFIGS = flags.DEFINE_list("memory_configs", ["wdm128", "wdm256"],
+                                 "memory: paper configs (cf3d_jax.memory.PAPER_CONFIGS).")
+_TOPOLOGY = flags.DEFINE_string("topology", "cpu", "memory: 'cpu' (this machine's devices) or a "
+                                "TPU topology such as v5e:4x4 or v4:2x2x4 (needs libtpu).")
+_MESH = flags.DEFINE_list("mesh", ["-1", "1", "1"], "memory: mesh shape (data, fsdp, spatial).")
+_REMAT = flags.DEFINE_list("remat", ["none", "full"], "memory: remat policies to compare.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
+                           "memory: compute dtype (params stay float32).")
+_RULES = flags.DEFINE_string("rules", "default", "memory: rule set (cf3d_jax.memory.RULE_SETS).")
+_MEM_BATCH = flags.DEFINE_integer("memory_batch", 0, "memory: global batch (0 = the config's).")
 
 
 def time_fn(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -121,7 +133,16 @@ def bench_conv(config, repeats: int) -> list[dict]:
   return rows
 
 
-BENCHES = {"train": bench_train, "conv": bench_conv}
+def bench_memory(config, repeats: int) -> list[dict]:
+  """Per-device memory and FLOPs of the compiled train step (cf3d_jax.memory); no timing."""
+  del config, repeats
+  from cf3d_jax import memory
+  return memory.bench_memory(_MEM_CONFIGS.value, _TOPOLOGY.value, [int(s) for s in _MESH.value],
+                             _REMAT.value, _DTYPE.value, _RULES.value, _MEM_BATCH.value)
+
+
+BENCHES = {"train": bench_train, "conv": bench_conv, "data": data_bench.bench_data,
+           "memory": bench_memory}
 
 
 def print_table(rows: list[dict]) -> None:

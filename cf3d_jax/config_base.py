@@ -34,7 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split = (0.7, 0.15, 0.15)            # train/val/test fractions, by subject
   c.data.class_weighting = True               # sample train records ∝ 1/class count
   c.data.records_per_shard = 64               # records per ArrayRecord shard
-  c.data.num_workers = 0                      # grain worker processes (0 = in-process)
+  c.data.num_workers = 0                      # grain worker processes decoding/augmenting (0 = in-process)
+  c.data.prefetch = 2                         # batches read ahead per process (0 = synchronous)
+  c.data.read_threads = 2                     # threads reading ahead in each process (prefetch > 0)
+  c.data.prepare_workers = -1                 # prepare: scan-conforming processes; -1 = min(cpus, 16), 0/1 = in-process
+  c.data.augment = ml_collections.ConfigDict()  # train-time augmentation, all off by default
+  c.data.augment.intensity_scale = 0.0        # s ~ U(1 - a, 1 + a): x ← clip(-1 + s (x + 1) + b, -1, 1)
+  c.data.augment.intensity_shift = 0.0        # b ~ U(-a, a) (in units of the [-1, 1] range)
+  c.data.augment.flip_axes = ()               # volume axes (0=D/R-L, 1=H/A-P, 2=W/S-I) flipped w.p. 1/2; not anatomy-safe
   c.data.intensity_percentiles = (0.5, 99.5)  # robust min/max for real scans → [-1, 1]
   c.data.phantom = ml_collections.ConfigDict()
   c.data.phantom.deform_mm = 3.0              # amplitude of the per-subject smooth deformation
@@ -66,7 +73,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.resblock_updown = True
   c.model.conv_impl = "xla"                   # "xla" | "im2col" (faster on CPU; same params)
   c.model.dtype = "float32"                   # compute dtype: 'float32' | 'bfloat16'
-  c.model.param_dtype = "float32"
+  c.model.param_dtype = "float32"             # master weights (keep float32 with bf16 compute)
+  # Rematerialisation per U-Net level (one entry per channel_mult level; () = none anywhere):
+  # 'none' keeps activations, 'dots' keeps only conv/matmul outputs, 'full' recomputes the block.
+  c.model.remat_levels = ()
+  c.model.middle_remat = "none"               # the same for the middle blocks
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "ddpm"                   # 'ddpm' (WDM, MAISI Linear) | 'rflow' (MAISI RFlow)
@@ -117,12 +128,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.source = ""
   c.sample.source_prompts = ()                # factual prompt per scan; () = the CSV's, else prompts[0]
   c.sample.inversion_refine = 3               # fixed-point refinements per inversion step (0 = plain)
+  c.sample.inversion_depth = 1.0              # fraction of the sampler grid inverted (1 = to pure noise;
+                                              # < 1 stops part-way: the prompt changes more, SDEdit-like)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lesion_threshold = 0.2               # lesion rule: intensity > this inside template WM
+  # --mode=evaluate (the paper's Tables 1 and 2; cf3d_jax/evaluate.py):
+  c.eval.num_per_prompt = 333                 # generated subjects (fixed noises) per prompt; paper 333
+  c.eval.guidance_scales = (1.0, 2.0, 3.0)    # the sweep (Table 2); the first is Table 1's setting
+  c.eval.batch_size = 8                       # volumes per sampler call
+  c.eval.real_split = "test"                  # real volumes for FID and classifier accuracy
+  c.eval.ms_ssim_kernel = 7                   # Gaussian window (wdm-3d: 7; needs ≥ 16·kernel voxels)
+  c.eval.ms_ssim_scales = 5                   # MS-SSIM scales (fewer for small volumes)
+  c.eval.diversity_pairs = 500                # pairs drawn for MS-SSIM diversity (0 = all pairs)
+  c.eval.med3d = ""                           # converted MedicalNet dir (convert medicalnet); "" = random-init ResNet-10 (relative FID only)
+  c.eval.classifier = ""                      # classifier dir; "" = WORKDIR/classifier if trained
+
+  c.classifier = ml_collections.ConfigDict()  # --mode=train_classifier (3D DenseNet-121)
+  c.classifier.num_steps = 2000
+  c.classifier.batch_size = 4
+  c.classifier.learning_rate = 1e-4
+  c.classifier.weight_decay = 1e-4
+  c.classifier.dropout = 0.0
+  c.classifier.eval_every = 200               # validation accuracy every N steps (best kept)
+  c.classifier.block_config = (6, 12, 24, 16)  # dense layers per block: DenseNet-121 (the paper)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)                   # (data, fsdp, spatial); -1 = the remaining devices
+  # Logical axis → mesh axes, in order of precedence (cf3d_jax.parallel). Default: batch over
+  # data × fsdp, volumes split along depth on spatial, params/EMA/Adam FSDP-sharded on fsdp.
+  # Axes that do not divide a dimension leave it unsplit.
+  c.mesh.rules = (("activation_batch", ("data", "fsdp")), ("activation_depth", "spatial"),
+                  ("conv_out", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"),
+                  ("conv_in", "fsdp"), ("embed", "fsdp"), ("text_embed", "fsdp"),
+                  ("norm", "fsdp"))
   return c
 
 
@@ -208,6 +247,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.data.shape, "three positive ints")
   _check(len(c.data.split) == 3 and abs(sum(c.data.split) - 1) < 1e-6, "data.split",
          c.data.split, "three fractions summing to 1")
+  _check(c.data.records_per_shard > 0, "data.records_per_shard", c.data.records_per_shard, "> 0")
+  _check(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, ">= 0")
+  _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
+  _check(c.data.read_threads >= 1, "data.read_threads", c.data.read_threads, ">= 1")
+  _check(c.data.prepare_workers >= -1, "data.prepare_workers", c.data.prepare_workers,
+         "-1 (auto), 0/1 (in-process) or a process count")
+  _check(0.0 <= c.data.augment.intensity_scale < 1.0, "data.augment.intensity_scale",
+         c.data.augment.intensity_scale, "a value in [0, 1)")
+  _check(0.0 <= c.data.augment.intensity_shift <= 1.0, "data.augment.intensity_shift",
+         c.data.augment.intensity_shift, "a value in [0, 1]")
+  _check(all(a in (0, 1, 2) for a in c.data.augment.flip_axes)
+         and len(set(c.data.augment.flip_axes)) == len(c.data.augment.flip_axes),
+         "data.augment.flip_axes", c.data.augment.flip_axes, "distinct axes among 0, 1, 2")
   _check(0.0 <= c.text.null_prob < 1.0, "text.null_prob", c.text.null_prob, "a value in [0, 1)")
   _check(c.train.num_steps > 0, "train.num_steps", c.train.num_steps, "> 0")
   _check(c.train.batch_size > 0, "train.batch_size", c.train.batch_size, "> 0")
@@ -219,6 +271,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.sample.guidance_scales, "at least one scale")
   _check(c.sample.inversion_refine >= 0, "sample.inversion_refine", c.sample.inversion_refine,
          ">= 0")
+  _check(0.0 < c.sample.inversion_depth <= 1.0, "sample.inversion_depth",
+         c.sample.inversion_depth, "a fraction in (0, 1]")
   _check(c.objective.num_sample_steps >= 0, "objective.num_sample_steps",
          c.objective.num_sample_steps, ">= 0 (0 = the objective's default)")
   _check(len(c.mesh.shape) == 3, "mesh.shape", c.mesh.shape, "(data, fsdp, spatial)")
+  from cf3d_jax import parallel
+  parallel.rules_from_config(c.mesh)          # ConfigError naming config.mesh.rules
+  remat = tuple(c.model.get("remat_levels", ()))
+  _check(not remat or len(remat) == len(c.model.channel_mult), "model.remat_levels", remat,
+         f"() or one entry per channel_mult level ({len(c.model.channel_mult)})")
+  policies = ("none", "dots", "full")
+  for key, values in (("model.remat_levels", remat),
+                      ("model.middle_remat", (c.model.get("middle_remat", "none"),))):
+    _check(all(v in policies for v in values), key, values, f"entries among {policies}")

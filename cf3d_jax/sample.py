@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cf3d_jax import config_base
+from cf3d_jax import config_base, parallel
 from cf3d_jax.data import nifti, phantoms, records
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
@@ -64,7 +64,7 @@ def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
 
 
 def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
-                 deterministic: bool = False):
+                 deterministic: bool = False, depth: float = 1.0):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]`.
 
   deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
@@ -75,12 +75,12 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
       return model.apply({"params": params}, z, t, e, m, train=False)
     fn = guided(model_fn, scale, jnp.asarray(null_emb), jnp.asarray(null_mask))
     return space.decode(sample_loop(objective, fn, z_start, emb, mask, key, space.clip_x0,
-                                    deterministic=deterministic))
+                                    deterministic=deterministic, depth=depth))
 
   return jax.jit(run)
 
 
-def make_inverter(model, objective, space, refine_iters: int):
+def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0):
   """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
 
   The conditional model (no guidance) drives the inversion.
@@ -89,7 +89,7 @@ def make_inverter(model, objective, space, refine_iters: int):
   def run(params, x, emb, mask):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
-    return invert_loop(objective, model_fn, space.encode(x), emb, mask, refine_iters)
+    return invert_loop(objective, model_fn, space.encode(x), emb, mask, refine_iters, depth)
 
   return jax.jit(run)
 
@@ -238,16 +238,19 @@ def sample_counterfactuals(config, workdir: str) -> dict:
       sub_dir = os.path.join(out_dir, f"g{scale:g}", f"subject_{k:03d}")
       for p, prompt in enumerate(prompts):
         rel = os.path.join(f"g{scale:g}", f"subject_{k:03d}", slug(prompt) + ".nii.gz")
-        nifti.save_volume(os.path.join(out_dir, rel), volumes[(k, p)], r["affine"])
+        if parallel.is_writer():   # multi-host: every process samples, process 0 writes
+          nifti.save_volume(os.path.join(out_dir, rel), volumes[(k, p)], r["affine"])
         entry = {"subject": k, "prompt": prompt, "guidance_scale": float(scale), "nifti": rel}
         _ground_truth_stats(entry, volumes[(k, p)], reference, config)
         entries.append(entry)
-      montage(sub_dir + ".png", [volumes[(k, p)] for p in range(len(prompts))], prompts)
+      if parallel.is_writer():
+        montage(sub_dir + ".png", [volumes[(k, p)] for p in range(len(prompts))], prompts)
   result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
             "guidance_scales": [float(g) for g in config.sample.guidance_scales],
             "num_subjects": config.sample.num_subjects, "items": entries}
   _summarise(result, entries, prompts, config.sample.guidance_scales, reference, config)
-  write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
+  if parallel.is_writer():
+    write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
   logging.info("wrote %d volumes to %s", len(entries), out_dir)
   return result
 
@@ -323,9 +326,18 @@ def _factual_prompts(config, sources: list[dict], prompts: list[str]) -> list[st
   return [given[k] if given else (s["prompt"] or prompts[0]) for k, s in enumerate(sources)]
 
 
-def load_source(path: str, config) -> np.ndarray:
-  """A scan conformed to the training grid, float32 `[D, H, W]` in [-1, 1] (as `prepare` does)."""
+def load_source(path: str, config, grid_affine: np.ndarray | None = None) -> np.ndarray:
+  """A scan conformed to the training grid, float32 `[D, H, W]` in [-1, 1] (as `prepare` does).
+
+  A volume already on the training grid (shape `data.shape`, affine `grid_affine`) with
+  intensities in [-1, 1] — a generated sample, or a prepared subject written by
+  `cf3d_jax.data.export` — is taken as it is: re-normalising it by percentiles would change it.
+  """
   data, affine = nifti.load_volume(path)
+  if (grid_affine is not None and data.shape == tuple(config.data.shape)
+      and np.allclose(affine, grid_affine, atol=1e-3)
+      and float(data.min()) >= -1.0 - 1e-6 and float(data.max()) <= 1.0 + 1e-6):
+    return np.clip(data, -1.0, 1.0).astype(np.float32)
   try:
     volume, _ = nifti.conform(data, affine, config.data.shape, config.data.fov_mm,
                               config.data.intensity_percentiles)
@@ -352,14 +364,17 @@ def sample_from_sources(config, workdir: str) -> dict:
   sources = resolve_sources(config.sample.source, config.data.dataset)
   factual = _factual_prompts(config, sources, prompts)
   f_emb, f_mask = table.lookup(factual)
-  inputs = np.stack([load_source(s["path"], config) for s in tqdm(sources, desc="loading",
-                                                                    unit="scan")])[..., None]
+  inputs = np.stack([load_source(s["path"], config, r["affine"])
+                     for s in tqdm(sources, desc="loading", unit="scan")])[..., None]
   n, bsz = len(sources), config.sample.batch_size
-  invert = make_inverter(r["model"], r["objective"], r["space"], config.sample.inversion_refine)
+  depth = float(config.sample.inversion_depth)
+  invert = make_inverter(r["model"], r["objective"], r["space"], config.sample.inversion_refine,
+                         depth)
   z_T = _batched(lambda x, e, m: invert(r["params"], x, e, m), n, bsz, inputs, f_emb, f_mask)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
-  plain = make_sampler(r["model"], r["objective"], r["space"], 1.0, *r["null"], deterministic=True)
+  plain = make_sampler(r["model"], r["objective"], r["space"], 1.0, *r["null"], deterministic=True,
+                       depth=depth)
   recon = _batched(lambda z, e, m: plain(r["params"], z, e, m, key), n, bsz, z_T, f_emb, f_mask)
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
   items = [(k, p) for k in range(n) for p in range(len(prompts))]
@@ -368,30 +383,36 @@ def sample_from_sources(config, workdir: str) -> dict:
   entries = []
   for scale in config.sample.guidance_scales:
     run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                       deterministic=True)
+                       deterministic=True, depth=depth)
     x = _batched(lambda z, e, m: run(r["params"], z, e, m, key), len(items), bsz,
                  z_T[ks], r["emb"][ps], r["mask"][ps])
     scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
     for k, src in enumerate(sources):
       sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
-      nifti.save_volume(os.path.join(out_dir, sub, "input.nii.gz"), inputs[k, ..., 0], r["affine"])
+      write = parallel.is_writer()   # multi-host: every process samples, process 0 writes
+      if write:
+        nifti.save_volume(os.path.join(out_dir, sub, "input.nii.gz"), inputs[k, ..., 0],
+                          r["affine"])
       vols = []
       for i in np.flatnonzero(ks == k):
         prompt = prompts[ps[i]]
         rel = os.path.join(sub, slug(prompt) + ".nii.gz")
-        nifti.save_volume(os.path.join(out_dir, rel), x[i, ..., 0], r["affine"])
+        if write:
+          nifti.save_volume(os.path.join(out_dir, rel), x[i, ..., 0], r["affine"])
         entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
                  "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
                  "psnr_vs_input_db": float(scores[i])}
         _ground_truth_stats(entry, x[i, ..., 0], reference, config)
         entries.append(entry)
         vols.append(x[i, ..., 0])
-      montage(os.path.join(out_dir, sub) + ".png", [inputs[k, ..., 0]] + vols,
-              ["input: " + os.path.basename(src["path"])] + prompts)
+      if write:
+        montage(os.path.join(out_dir, sub) + ".png", [inputs[k, ..., 0]] + vols,
+                ["input: " + os.path.basename(src["path"])] + prompts)
   result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
             "guidance_scales": [float(g) for g in config.sample.guidance_scales],
             "num_subjects": n, "objective": config.objective.name,
             "inversion": {"sampler_steps": int(len(r["objective"].timesteps())),
+                          "depth": depth,
                           "refine_iters": int(config.sample.inversion_refine),
                           "guidance": "conditional model (w = 1) under the factual prompt"},
             "sources": [{"subject": k, "path": s["path"], "factual_prompt": factual[k],
@@ -399,7 +420,8 @@ def sample_from_sources(config, workdir: str) -> dict:
                         for k, s in enumerate(sources)],
             "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
   _summarise(result, entries, prompts, config.sample.guidance_scales, reference, config)
-  write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
+  if parallel.is_writer():
+    write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
   logging.info("inverted %d scans (reconstruction PSNR %.2f dB); wrote %d volumes to %s", n,
                result["mean_reconstruction_psnr_db"], len(entries), out_dir)
   return result

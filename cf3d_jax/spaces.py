@@ -5,22 +5,43 @@
 through image space (IDWT → clamp to [-1, 1] → DWT), as wdm-3d does when sampling.
 The latent space (frozen VAE × scale factor) plugs in here with the same three methods, so one
 trainer and one sampler serve WDM and MAISI alike.
+
+On a mesh (`placed(space, mesh, rules)`, from `cf3d_jax.parallel`), the wavelet space runs its
+transforms block-local under `shard_map` (`wavelets.haar_dwt3d_sharded`): a volume split along
+depth is transformed by each device on its own block with no communication.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 
-from cf3d_jax import wavelets
+from cf3d_jax import parallel, wavelets
 from cf3d_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class WaveletSpace:
-  """Haar wavelet space with the LLL subband scaled by 1/lll_scale."""
+  """Haar wavelet space with the LLL subband scaled by 1/lll_scale.
+
+  With `mesh` set (see `placed`), encode/decode lay volumes out by the logical `rules`
+  (parallel.VOLUME_AXES) and transform each device's block locally.
+  """
   lll_scale: float = 3.0
+  mesh: Any = None              # jax.sharding.Mesh, or None: plain (unsharded) transforms
+  rules: tuple = ()             # logical-axis rules (parallel.Rules) used with `mesh`
+
+  def _spec(self, shape: tuple[int, ...], block_multiple: int):
+    """The volume layout for `shape` whose spatial blocks are multiples of `block_multiple`."""
+    sizes = dict(self.mesh.shape)
+    spec = parallel.logical_to_spec(parallel.VOLUME_AXES, shape, self.rules, sizes)
+    entries = list(spec) + [None] * (5 - len(spec))
+    for axis in (1, 2, 3):   # a spatial split the block size does not allow → unsplit
+      entries[axis] = parallel.fit_axes(entries[axis], shape[axis] // block_multiple, sizes)
+    entries[4] = None
+    return parallel.P(*entries)
 
   def latent_shape(self, image_shape: tuple[int, int, int], channels: int = 1
                    ) -> tuple[int, int, int, int]:
@@ -36,12 +57,18 @@ class WaveletSpace:
 
   def encode(self, x: jnp.ndarray) -> jnp.ndarray:
     """Image `[N, D, H, W, C]` → z `[N, D/2, H/2, W/2, 8C]`."""
-    z = wavelets.haar_dwt3d(x)
+    if self.mesh is None:
+      z = wavelets.haar_dwt3d(x)
+    else:
+      z = wavelets.haar_dwt3d_sharded(x, self.mesh, self._spec(x.shape, 2))
     return z * self._scale(z.shape[-1]).astype(z.dtype)
 
   def decode(self, z: jnp.ndarray) -> jnp.ndarray:
     """z `[N, d, h, w, 8C]` → image `[N, 2d, 2h, 2w, C]`."""
-    return wavelets.haar_idwt3d(z / self._scale(z.shape[-1]).astype(z.dtype))
+    z = z / self._scale(z.shape[-1]).astype(z.dtype)
+    if self.mesh is None:
+      return wavelets.haar_idwt3d(z)
+    return wavelets.haar_idwt3d_sharded(z, self.mesh, self._spec(z.shape, 1))
 
   def clip_x0(self, z: jnp.ndarray) -> jnp.ndarray:
     """Clips a predicted z0 to images in [-1, 1]: IDWT → clamp → DWT."""
@@ -49,6 +76,14 @@ class WaveletSpace:
 
 
 SPACES = {"wavelet": lambda cfg: WaveletSpace(lll_scale=cfg.lll_scale)}
+
+
+def placed(space, mesh, rules):
+  """`space` laid out on `mesh` under logical `rules` (block-local transforms); a space without
+  mesh support is returned unchanged."""
+  if isinstance(space, WaveletSpace):
+    return dataclasses.replace(space, mesh=mesh, rules=tuple(rules))
+  return space
 
 
 def make_space(space_config):

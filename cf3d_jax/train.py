@@ -4,11 +4,17 @@ State is a plain pytree `{params, ema, opt_state, step}`, donated to a jitted pu
 `train_step`; the step's randomness is `fold_in(key(seed), step)`. Orbax checkpoints hold the
 state, the grain iterator position and a JSON summary, so a run killed at any point resumes from
 its last checkpoint and continues exactly as if it had not stopped.
+
+On a mesh (`cf3d_jax.parallel`): the state is created and restored already sharded (params, EMA
+and Adam moments FSDP-style by `config.mesh.rules`), the step is jitted with in/out shardings,
+each host feeds its own rows, and every host takes part in orbax saves and restores; only
+process 0 writes summaries.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 from typing import Any
@@ -27,7 +33,7 @@ from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import Cf3dError, DataError
 from cf3d_jax.models import unet as unet_lib
 from cf3d_jax.objectives import make_objective
-from cf3d_jax.spaces import make_space
+from cf3d_jax.spaces import make_space, placed
 from cf3d_jax.text.table import load_table
 
 State = dict[str, Any]
@@ -54,8 +60,15 @@ def init_state(model, tx, key: jax.Array, z_shape, text_shape) -> State:
 
 
 def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *, model, tx,
-               objective, space, ema_decay: float) -> tuple[State, dict[str, jax.Array]]:
-  """One optimisation step. batch: volume `[B, D, H, W, 1]`, text_emb `[B, L, E]`, text_mask."""
+               objective, space, ema_decay: float, mesh=None,
+               rules: parallel.Rules = parallel.DEFAULT_RULES
+               ) -> tuple[State, dict[str, jax.Array]]:
+  """One optimisation step. batch: volume `[B, D, H, W, 1]`, text_emb `[B, L, E]`, text_mask.
+
+  With `mesh`, the batch mean of the per-example loss is an explicit psum of per-device sums
+  (`parallel.global_mean`); trace it inside `parallel.activation_context(mesh, rules)` so the
+  model's activation constraints apply.
+  """
   key = jax.random.fold_in(base_key, state["step"])
   k_time, k_noise, k_drop = jax.random.split(key, 3)
   z0 = space.encode(batch["volume"])
@@ -67,7 +80,8 @@ def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *
   def loss_fn(params):
     out = model.apply({"params": params}, z_t, objective.model_time(t), batch["text_emb"],
                       batch["text_mask"], train=True, rngs={"dropout": k_drop})
-    return jnp.mean(objective.loss(objective.prediction_from_output(out, z_t, t), target))
+    per_example = objective.loss(objective.prediction_from_output(out, z_t, t), target)
+    return parallel.global_mean(per_example, mesh, rules)
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -103,12 +117,90 @@ def build_components(config):
   return unet_lib.build_unet(config.model), objective, space
 
 
-def abstract_state(model, tx, config, text_shape) -> State:
-  """Shapes and dtypes of the train state, with no memory allocated."""
+def abstract_state(model, tx, config, text_shape, mesh=None) -> State:
+  """Shapes and dtypes of the train state, with no memory allocated; with `mesh`, each leaf
+  carries its sharding (`state_shardings`), so a restore lands laid out for this mesh."""
   space = make_space(config.space)
   z_shape = (1,) + space.latent_shape(tuple(config.data.shape))
-  return jax.eval_shape(
+  abstract = jax.eval_shape(
       lambda k: init_state(model, tx, k, z_shape, text_shape), jax.random.key(0))
+  if mesh is None:
+    return abstract
+  shardings = state_shardings(model, abstract, config, text_shape, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def state_shardings(model, abstract: State, config, text_shape, mesh) -> State:
+  """NamedShardings of the train state under `config.mesh.rules` (FSDP-style by default)."""
+  rules = parallel.rules_from_config(config.mesh)
+  z_shape = (1,) + make_space(config.space).latent_shape(tuple(config.data.shape))
+  logical = unet_lib.param_logical_axes(model, z_shape, text_shape)
+  return parallel.state_shardings(
+      abstract, parallel.tree_shardings(logical, abstract["params"], mesh, rules), mesh)
+
+
+def make_train_step(model, tx, objective, space, config, mesh, state_sh: State,
+                    batch_sh: dict[str, Any], interleaved_hosts: int = 1):
+  """`train_step` jitted on `mesh`: state in and out with `state_sh` (donated), batch with
+  `batch_sh`, metrics replicated. Call it inside `parallel.activation_context`.
+
+  interleaved_hosts=n > 1: the batch arrives as n per-host blocks of the element-interleaved
+  global stream (host p holds elements p, p + n, …; `pipeline.make_train_dataset`); its rows
+  are put back in stream order first, so each example meets the same time and noise draw as in
+  a one-process run.
+  """
+  rules = parallel.rules_from_config(config.mesh)
+  rep = parallel.replicated(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, objective=objective,
+                           space=placed(space, mesh, rules), ema_decay=config.train.ema_decay,
+                           mesh=mesh, rules=rules)
+
+  def run(state, batch, key):
+    if interleaved_hosts > 1:
+      order = parallel.interleaved_order(config.train.batch_size, interleaved_hosts)
+      batch = {k: jax.lax.with_sharding_constraint(jnp.take(v, order, axis=0), batch_sh[k])
+               for k, v in batch.items()}
+    return step(state, batch, key)
+
+  return jax.jit(run, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                 donate_argnums=0)
+
+
+def make_host_batches(data_iter, config, mesh, rules, per_host: bool):
+  """Yields global batches from this host's stream.
+
+  per_host: the stream's batches hold this host's rows only (`pipeline.make_train_dataset`
+  sharded by process), placed as block `process_index` of the global batch. Otherwise they
+  hold the whole global batch and every host keeps the rows its devices hold.
+  """
+  global_b = config.train.batch_size
+  expected = global_b // jax.process_count() if per_host else global_b
+  for host in data_iter:
+    host = {k: v for k, v in host.items() if k != "is_null"}
+    if len(host["volume"]) != expected:
+      raise Cf3dError(f"input pipeline gave {len(host['volume'])} rows; expected {expected} "
+                      f"(config.train.batch_size={global_b}, {jax.process_count()} processes)")
+    yield parallel.put_batch(host, mesh, rules, global_rows=not per_host)
+
+
+def _make_dataset(paths, index, table, config, mesh, rules) -> tuple[Any, bool]:
+  """(train stream, whether it is per-host). Per-host when the pipeline shards by process and
+  the batch layout gives each process one contiguous block of rows in process order (else
+  every host reads the global stream and keeps its rows)."""
+  n = jax.process_count()
+  b = config.train.batch_size
+  volume = (b,) + tuple(config.data.shape) + (1,)
+  sharding = parallel.NamedSharding(mesh, parallel.batch_spec(volume, mesh, rules))
+  rows = parallel.host_rows(sharding, volume)
+  blocked = b % n == 0 and rows == slice(jax.process_index() * (b // n),
+                                         (jax.process_index() + 1) * (b // n))
+  if "shard_index" not in inspect.signature(pipeline.make_train_dataset).parameters:
+    return pipeline.make_train_dataset(paths["records"], index, table, config), False
+  per_host = n > 1 and blocked
+  shard = (jax.process_index(), n) if per_host else (0, 1)
+  return pipeline.make_train_dataset(paths["records"], index, table, config,
+                                     shard_index=shard[0], shard_count=shard[1]), per_host
 
 
 def train_and_evaluate(config, workdir: str) -> State:
@@ -120,11 +212,15 @@ def train_and_evaluate(config, workdir: str) -> State:
       os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0)
   # ---- mesh and input ----------------------------------------------------------------------
   mesh = parallel.make_mesh(config.mesh.shape)
+  rules = parallel.rules_from_config(config.mesh)
   parallel.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
+  parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
   paths = data_paths(workdir)
   index = records.load_index(paths["records"])
   table = load_table(paths["table"])
-  dataset = pipeline.make_train_dataset(paths["records"], index, table, config)
+  logging.info("process %d of %d; mesh %s over %d devices; rules %s", jax.process_index(),
+               jax.process_count(), dict(mesh.shape), mesh.devices.size, rules)
+  dataset, per_host = _make_dataset(paths, index, table, config, mesh, rules)
   data_iter = iter(dataset)
   # ---- model, objective, optimizer ---------------------------------------------------------
   model, objective, space = build_components(config)
@@ -133,20 +229,27 @@ def train_and_evaluate(config, workdir: str) -> State:
   init_key, step_key = jax.random.split(base_key)
   z_shape = (config.train.batch_size,) + space.latent_shape(tuple(config.data.shape))
   text_shape = table.embeddings.shape[1:]
+  # ---- sharding: params, EMA and Adam moments FSDP-style, the batch over data × fsdp -------
+  abstract = abstract_state(model, tx, config, text_shape, mesh)
+  state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+  volume_shape = (config.train.batch_size,) + tuple(config.data.shape) + (1,)
+  batch_sh = parallel.batch_shardings(
+      {"volume": volume_shape, "text_emb": (config.train.batch_size,) + tuple(text_shape),
+       "text_mask": (config.train.batch_size, text_shape[0]),
+       "label": (config.train.batch_size,)}, mesh, rules)
   init_fn = jax.jit(lambda k: init_state(model, tx, k, z_shape, text_shape),
-                    out_shardings=parallel.replicated(mesh))
+                    out_shardings=state_sh)
   state = init_fn.lower(init_key).compile(
       compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(init_key)
   # ---- resume ------------------------------------------------------------------------------
   mngr = checkpoint_manager(workdir, config.train)
   if mngr.latest_step() is not None:
-    state = restore_state(mngr, jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
-                          data_iterator=data_iter)
+    state = restore_state(mngr, abstract, data_iterator=data_iter)
     logging.info("resumed from step %d", int(state["step"]))
   # ---- the step ----------------------------------------------------------------------------
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, objective=objective,
-                                      space=space, ema_decay=config.train.ema_decay),
-                    donate_argnums=0)
+  step_fn = make_train_step(model, tx, objective, space, config, mesh, state_sh, batch_sh,
+                            interleaved_hosts=jax.process_count() if per_host else 1)
+  batches = make_host_batches(data_iter, config, mesh, rules, per_host)
   report = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                            writer=writer, every_steps=config.train.log_every)
   step = int(state["step"])
@@ -154,8 +257,8 @@ def train_and_evaluate(config, workdir: str) -> State:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "sample"})
   t0, in_flight = time.time(), None
   while step < config.train.num_steps:
-    batch = parallel.put_batch({k: v for k, v in next(data_iter).items() if k != "is_null"}, mesh)
-    state, metrics = step_fn(state, batch, step_key)
+    with parallel.activation_context(mesh, rules):
+      state, metrics = step_fn(state, next(batches), step_key)
     if in_flight is not None:   # at most two steps in flight: bounded memory, honest timing
       jax.block_until_ready(in_flight)
     in_flight = metrics["loss"]

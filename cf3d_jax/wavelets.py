@@ -8,11 +8,19 @@ LLL, LLH, LHL, LHH, HLL, HLH, HHL, HHH: the first letter is the filter along D, 
 
 The transform is orthonormal, so i.i.d. Gaussian noise in image space maps to i.i.d. Gaussian
 noise in wavelet space, and `haar_idwt3d(haar_dwt3d(x)) == x` up to float rounding.
+
+Sharded volumes (`haar_dwt3d_sharded`, `haar_idwt3d_sharded`): the Haar filters have two taps
+and stride two, so a volume split along any spatial axis into even-sized blocks transforms block
+by block with no communication. These run the plain transform on each device's own block under
+`jax.shard_map`; the result is laid out like the input (same PartitionSpec) and equals the
+unsharded transform exactly.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 SUBBANDS = ("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH")
 _INV_SQRT2 = 0.7071067811865476
@@ -61,3 +69,50 @@ def haar_idwt3d(z: jnp.ndarray) -> jnp.ndarray:
   for axis in (3, 2, 1):  # undo W, then H, then D.
     bands = [_merge(bands[i], bands[i + 1], axis) for i in range(0, len(bands), 2)]
   return bands[0]
+
+
+def _shard_counts(spec: P, mesh: Mesh, ndim: int) -> list[int]:
+  """Number of shards along each of `ndim` axes under `spec`."""
+  counts = []
+  for i in range(ndim):
+    entry = spec[i] if i < len(spec) else None
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    n = 1
+    for a in axes:
+      n *= mesh.shape[a]
+    counts.append(n)
+  return counts
+
+
+def _check_spec(shape: tuple[int, ...], spec: P, mesh: Mesh, block_multiple: int,
+                name: str) -> None:
+  counts = _shard_counts(spec, mesh, len(shape))
+  if counts[-1] != 1:
+    raise ValueError(f"{name}: the channel axis must not be sharded (spec {spec}); subbands are "
+                     "stacked on it")
+  for axis in range(len(shape)):
+    mult = block_multiple if axis in (1, 2, 3) else 1
+    if shape[axis] % (counts[axis] * mult):
+      raise ValueError(f"{name}: axis {axis} of {tuple(shape)} splits into {counts[axis]} shards "
+                       f"under {spec}; each block must be a multiple of {mult}")
+
+
+def haar_dwt3d_sharded(x: jnp.ndarray, mesh: Mesh, spec: P) -> jnp.ndarray:
+  """`haar_dwt3d` of `x` `[N, D, H, W, C]` laid out as `spec` on `mesh`, block by block.
+
+  Every spatial block must be even (`D / shards_D` etc.); the channel axis unsharded.
+  Output `[N, D/2, H/2, W/2, 8C]` with the same spec.
+  """
+  _check_even(x.shape)
+  _check_spec(x.shape, spec, mesh, 2, "haar_dwt3d_sharded")
+  return jax.shard_map(haar_dwt3d, mesh=mesh, in_specs=spec, out_specs=spec)(x)
+
+
+def haar_idwt3d_sharded(z: jnp.ndarray, mesh: Mesh, spec: P) -> jnp.ndarray:
+  """`haar_idwt3d` of `z` `[N, d, h, w, 8C]` laid out as `spec`, block by block; output
+  `[N, 2d, 2h, 2w, C]` with the same spec."""
+  if z.ndim != 5 or z.shape[-1] % 8:
+    raise ValueError(
+        f"haar_idwt3d expects [N, d, h, w, 8*C] (channels a multiple of 8); got {tuple(z.shape)}.")
+  _check_spec(z.shape, spec, mesh, 1, "haar_idwt3d_sharded")
+  return jax.shard_map(haar_idwt3d, mesh=mesh, in_specs=spec, out_specs=spec)(z)

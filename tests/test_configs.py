@@ -60,7 +60,7 @@ def test_objective_presets():
 
 
 def test_adni_phantom_demo_runs_end_to_end(tmp_path):
-  from cf3d_jax.main import run
+  from cf3d_jax.modes import run
   c = load_config("demo.py", "smoke,adni")
   c.train.num_steps = 2
   run(c, str(tmp_path), "all")

@@ -123,12 +123,16 @@ def test_bad_scan_in_manifest_fails_cleanly_or_is_skipped(tmp_path):
   assert proc.returncode == 2
   assert "bad.nii.gz" in proc.stderr and "row 3" in proc.stderr and "NaN/Inf" in proc.stderr
   assert not os.path.exists(workdir / "data" / "records")
+  assert os.listdir(workdir / "data" / "records.staging") == ["staging.json"]  # no shard
   workdir = tmp_path / "skip"
   proc = run_cli(args + [f"--workdir={workdir}", "--on_error=skip"])
   assert proc.returncode == 0, proc.stderr[-2000:]
   index = json.load(open(workdir / "data" / "records" / "dataset.json"))
   assert [r["subject_id"] for r in index["records"]] == ["a"]
   assert index["skipped"][0]["row"] == 3 and "NaN/Inf" in index["skipped"][0]["error"]
+  assert index["summary"]["rows"] == 2 and index["summary"]["skipped"] == 1
+  assert "1 records from 2 manifest rows; 1 skipped" in proc.stdout
+  assert "skipped " in proc.stdout and "scans.csv row 3" in proc.stdout and "bad.nii.gz" in proc.stdout
 
 
 def test_manifest_missing_column_and_bad_value(tmp_path):

@@ -42,6 +42,7 @@ PARAMS_NAME = 'params'
 # name → module defining `CONVERTER` (imported on first use). One line per converter.
 CONVERTERS: dict[str, str] = {
     'maisi-vae': 'cf3d_jax.convert.maisi_vae',
+    'medicalnet': 'cf3d_jax.convert.medicalnet',
 }
 
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')

@@ -28,26 +28,44 @@ from cf3d_jax.text import prompts as prompt_lib
 SPLITS = ("train", "val", "test")
 
 
+def split_entries(index: dict, split: str, seed: int, fractions) -> list[dict]:
+  """The dataset.json entries of `split` (the training split rule), sorted by subject id."""
+  if split not in SPLITS:
+    raise ConfigError(f"split {split!r}: expected one of {SPLITS}")
+  subjects = set(split_subjects([r["subject_id"] for r in index["records"]], fractions,
+                                seed)[split])
+  return sorted((r for r in index["records"] if r["subject_id"] in subjects),
+                key=lambda r: r["subject_id"])
+
+
+def read_records(data_dir: str, index: dict, entries: list[dict]) -> list[dict]:
+  """Decoded records (see `records`) of the given dataset.json entries, in their order."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  first = {}
+  for e in index["records"]:
+    first[e["shard"]] = min(first.get(e["shard"], e["position"]), e["position"])
+  out = []
+  for shard in sorted({e["shard"] for e in entries}):
+    reader = ArrayRecordReader(os.path.join(data_dir, shard))
+    mine = [e for e in entries if e["shard"] == shard]
+    for e, data in zip(mine, reader.read([e["position"] - first[shard] for e in mine])):
+      out.append((e["position"], records.decode_record(data)))
+    reader.close()
+  order = {e["position"]: i for i, e in enumerate(entries)}
+  return [rec for _, rec in sorted(out, key=lambda pr: order[pr[0]])]
+
+
 def export_split(data_dir: str, split: str, out_dir: str, *, seed: int = 0,
                  fractions=(0.7, 0.15, 0.15), limit: int = 0) -> str:
   """Writes the split's records under out_dir; returns the CSV path. limit 0 = all."""
-  from array_record.python.array_record_module import ArrayRecordReader
-  if split not in SPLITS:
-    raise ConfigError(f"split {split!r}: expected one of {SPLITS}")
   index = records.load_index(data_dir)
   dataset = index["meta"].get("dataset", "ms")
-  subjects = split_subjects([r["subject_id"] for r in index["records"]], fractions, seed)[split]
-  wanted = [r for r in index["records"] if r["subject_id"] in set(subjects)]
-  wanted.sort(key=lambda r: r["subject_id"])
+  wanted = split_entries(index, split, seed, fractions)
   if limit:
     wanted = wanted[:limit]
   os.makedirs(out_dir, exist_ok=True)
   rows = []
-  for r in wanted:
-    reader = ArrayRecordReader(os.path.join(data_dir, r["shard"]))
-    first = min(e["position"] for e in index["records"] if e["shard"] == r["shard"])
-    rec = records.decode_record(reader.read([r["position"] - first])[0])
-    reader.close()
+  for r, rec in zip(wanted, read_records(data_dir, index, wanted)):
     name = f"{r['subject_id']}.nii.gz"
     nifti.save_volume(os.path.join(out_dir, name), rec["volume"][..., 0], rec["affine"])
     row = {"path": name, "subject_id": r["subject_id"], "label": r["label"]}
@@ -65,23 +83,23 @@ def export_split(data_dir: str, split: str, out_dir: str, *, seed: int = 0,
   return path
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "run folder holding data/records")
-_SPLIT = flags.DEFINE_enum("split", "test", list(SPLITS), "which split to export")
-_OUT = flags.DEFINE_string("out", None, "output folder")
-_LIMIT = flags.DEFINE_integer("limit", 0, "at most this many subjects (0 = all)")
-_SEED = flags.DEFINE_integer("seed", 0, "the run's config.seed (fixes the split)")
-
-
 def main(argv):
   del argv
+  f = flags.FLAGS
   try:
-    path = export_split(os.path.join(_WORKDIR.value, "data", "records"), _SPLIT.value,
-                        _OUT.value, seed=_SEED.value, limit=_LIMIT.value)
+    path = export_split(os.path.join(f.workdir, "data", "records"), f.split, f.out,
+                        seed=f.seed, limit=f.limit)
   except Cf3dError as e:
     raise SystemExit(f"error: {e}") from None
   print(path)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program: evaluate/classifier import this module.
+  flags.DEFINE_string("workdir", None, "run folder holding data/records")
+  flags.DEFINE_enum("split", "test", list(SPLITS), "which split to export")
+  flags.DEFINE_string("out", None, "output folder")
+  flags.DEFINE_integer("limit", 0, "at most this many subjects (0 = all)")
+  flags.DEFINE_integer("seed", 0, "the run's config.seed (fixes the split)")
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

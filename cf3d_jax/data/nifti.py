@@ -3,7 +3,7 @@
 Loading checks, in order, and raises DataError naming the file: it exists, nibabel can read it,
 it is 3D (a 4D image with one frame is accepted), it has no NaN/Inf voxels. Conforming reorients
 to RAS+ canonical, resamples onto an isotropic grid of `shape` spanning `fov_mm` centred on the
-image's intensity mass, and maps robust percentiles to [-1, 1].
+brain (`foreground_center`), and maps robust percentiles to [-1, 1].
 """
 
 from __future__ import annotations
@@ -48,18 +48,47 @@ def grid_affine(shape: Sequence[int], fov_mm: float, center_mm: Sequence[float])
   return affine
 
 
+FOREGROUND_FRACTION = 0.1   # foreground: above lo + this · (hi − lo) of the robust range
+
+
+def foreground_center(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """Voxel coordinates `[3]` of the centre of the head/brain in `data` `[X, Y, Z]`.
+
+  The foreground is `data > lo + FOREGROUND_FRACTION · (hi − lo)`, opened by one voxel (drops
+  noise specks and thin ghosting), reduced to its largest connected component (drops separate
+  objects: markers, phantoms, wrap-around). The centre is the midpoint of that
+  component's bounding box, so a bright but off-centre structure (a lesion, fat, a coil hot-spot)
+  does not pull the crop the way an intensity-weighted centre of mass would. Falls back to the
+  unopened mask, then to the array centre, when the mask is empty.
+  """
+  mask = data > lo + FOREGROUND_FRACTION * (hi - lo)
+  opened = ndimage.binary_opening(mask)
+  if opened.any():
+    mask = opened
+  if not mask.any():
+    return (np.asarray(data.shape, np.float64) - 1) / 2.0
+  labels, n = ndimage.label(mask)
+  if n > 1:
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    mask = labels == int(np.argmax(sizes))
+  (box,) = ndimage.find_objects(mask.astype(np.int8))
+  return np.array([(s.start + s.stop - 1) / 2.0 for s in box], np.float64)
+
+
 def conform(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], fov_mm: float,
             percentiles: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-  """Resamples `data` onto the training grid and normalises to [-1, 1].
+  """Resamples `data` `[X, Y, Z]` (RAS+) onto the training grid and normalises to [-1, 1].
 
-  Returns (volume float32 `[D, H, W]`, the grid's affine). The grid is centred on the centre of
-  mass of the voxels above the lower percentile; intensities are clipped to the percentiles.
+  Returns (volume float32 `[D, H, W]`, the grid's affine). The grid is isotropic,
+  `fov_mm / max(shape)` mm per voxel, centred on `foreground_center` (so cropping and padding
+  are around the brain); trilinear interpolation, outside the image = the lower percentile.
+  Intensities are clipped to the percentiles `(lo, hi)` and mapped linearly to [-1, 1].
   """
   lo, hi = np.percentile(data, percentiles)
   if not hi > lo:
     raise DataError(f"image is constant (percentiles {percentiles} give {lo}, {hi})")
-  com = ndimage.center_of_mass(data > lo)
-  center = (affine @ np.append(com, 1.0))[:3]
+  center = (affine @ np.append(foreground_center(data, lo, hi), 1.0))[:3]
   out_affine = grid_affine(shape, fov_mm, center)
   vox = np.linalg.inv(affine) @ out_affine   # output voxel → input voxel
   resampled = ndimage.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=tuple(shape),

@@ -4,24 +4,26 @@ Layout: `data/records/` (shards + dataset.json, see `records`), `data/text_table
 `data/reference.npz` (phantoms: the grid and template maps the lesion rule needs).
 Each piece is written atomically and skipped when already complete, so an interrupted prepare
 re-runs cleanly. Sources: `phantom` (synthetic MS FLAIR or, for dataset 'adni', AD T1; ground
-truth stored per subject) and `manifest` (a CSV of NIfTI scans; see `read_manifest`).
+truth stored per subject) and `manifest` (a CSV of NIfTI scans, conformed in parallel and
+resumably by `ingest.ingest_manifest`; see `ingest.read_manifest` for the columns).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Iterator
 
 import numpy as np
 from absl import logging
 
-from cf3d_jax.data import nifti, phantoms, records
-from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.data import ingest, phantoms, records
+from cf3d_jax.errors import ConfigError
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import EmbeddingTable, builtin_table_path, load_table
 
-MANIFEST_COLUMNS = {"ms": "lesion_volume_ml", "adni": "diagnosis"}
+
+MANIFEST_COLUMNS = ingest.MANIFEST_COLUMNS   # kept here for callers of the earlier API
+read_manifest = ingest.read_manifest
 
 
 def data_paths(workdir: str) -> dict[str, str]:
@@ -71,67 +73,6 @@ def _phantom_records(config, reference: phantoms.Reference) -> Iterator[dict]:
            **extra}
 
 
-def read_manifest(path: str, dataset: str) -> list[dict]:
-  """Rows of the manifest CSV with `label` and `clinical_value` added.
-
-  Required columns: path, subject_id, and lesion_volume_ml (ms) or diagnosis (adni). Relative
-  paths are relative to the CSV's folder. Errors name the file and the row (1-based, header = 1).
-  """
-  if not os.path.exists(path):
-    raise DataError(f"{path}: manifest not found")
-  try:
-    with open(path, newline="", encoding="utf-8") as f:
-      rows = list(csv.DictReader(f))
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: manifest is not UTF-8 text ({e})") from e
-  needed = {"path", "subject_id", MANIFEST_COLUMNS[dataset]}
-  if not rows:
-    raise DataError(f"{path}: manifest has no rows")
-  missing = needed - set(rows[0])
-  if missing:
-    raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; has {sorted(rows[0])}")
-  base = os.path.dirname(os.path.abspath(path))
-  out = []
-  for n, row in enumerate(rows, start=2):
-    where = f"{path} row {n}"
-    try:
-      if dataset == "ms":
-        value = float(row["lesion_volume_ml"])
-        cls = prompt_lib.lesion_class(value)
-        label = prompt_lib.MS_CLASSES.index(cls)
-      else:
-        cls = prompt_lib.diagnosis_class(row["diagnosis"])
-        label = prompt_lib.ADNI_CLASSES.index(cls)
-        value = float(label)
-    except (ValueError, DataError) as e:
-      raise DataError(f"{where}: {e}") from e
-    scan = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
-    out.append({"path": scan, "subject_id": row["subject_id"], "label": label,
-                "clinical_value": value, "row": n})
-  return out
-
-
-def _manifest_records(config, rows: list[dict], on_error: str, skipped: list) -> Iterator[dict]:
-  """Loads and conforms each scan; with on_error='skip' bad scans are recorded and passed over."""
-  from tqdm import tqdm
-  for row in tqdm(rows, desc="scans", unit="scan"):
-    try:
-      data, affine = nifti.load_volume(row["path"])
-      try:
-        volume, grid = nifti.conform(data, affine, config.data.shape, config.data.fov_mm,
-                                     config.data.intensity_percentiles)
-      except DataError as e:
-        raise DataError(f"{row['path']}: {e}") from e
-    except DataError as e:
-      if on_error != "skip":
-        raise DataError(f"{config.data.manifest} row {row['row']}: {e}") from e
-      logging.warning("skipping manifest row %d: %s", row["row"], e)
-      skipped.append({"row": row["row"], "path": row["path"], "error": str(e)})
-      continue
-    yield {"volume": volume[..., None], "affine": grid, "subject_id": row["subject_id"],
-           "label": row["label"], "clinical_value": row["clinical_value"]}
-
-
 def table_source(config) -> str:
   """The .npz path that `config.text.table` names ('builtin:NAME' or a path)."""
   src = config.text.table
@@ -156,8 +97,9 @@ def prepare_table(config, path: str) -> EmbeddingTable:
 def prepare(config, workdir: str, on_error: str = "fail") -> None:
   """Writes whatever of data/ is missing (records, reference, text table).
 
-  on_error: 'fail' stops at the first bad scan with nothing half-written; 'skip' records it
-  under `skipped` in dataset.json and goes on.
+  on_error: 'fail' stops at the first bad manifest row or scan with no dataset.json written
+  (finished shards stay staged for a resumed run); 'skip' records the row under `skipped` in
+  dataset.json (and prints it in the closing summary) and goes on.
   """
   paths = data_paths(workdir)
   os.makedirs(paths["data"], exist_ok=True)
@@ -171,15 +113,13 @@ def prepare(config, workdir: str, on_error: str = "fail") -> None:
   meta = {"source": config.data.source, "dataset": config.data.dataset,
           "shape": list(config.data.shape), "fov_mm": config.data.fov_mm,
           "classes": list(prompt_lib.CLASSES[config.data.dataset])}
-  skipped: list = []
   if config.data.source == "phantom":
     reference = phantoms.load_reference(paths["reference"])
     meta["affine"] = reference.affine.tolist()
-    recs = _phantom_records(config, reference)
+    index = records.write_dataset(paths["records"], _phantom_records(config, reference),
+                                  config.data.records_per_shard, meta)
   else:
-    rows = read_manifest(config.data.manifest, config.data.dataset)
-    recs = _manifest_records(config, rows, on_error, skipped)
-  index = records.write_dataset(paths["records"], recs, config.data.records_per_shard, meta,
-                                skipped)
+    meta["intensity_percentiles"] = list(config.data.intensity_percentiles)
+    index = ingest.ingest_manifest(config.data, paths["records"], on_error, meta)
   logging.info("wrote %d records to %s (%d skipped)", len(index["records"]), paths["records"],
-               len(skipped))
+               len(index["skipped"]))

@@ -26,20 +26,39 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cf3d_jax import parallel
+
 Dtype = Any
 Array = jax.Array
 
 CONV_AXES = ('conv_d', 'conv_h', 'conv_w', 'conv_in', 'conv_out')
 NORM_AXES = ('norm',)
-VOLUME_AXES = ('activation_batch', 'activation_depth', 'activation_height',
-               'activation_width', 'activation_channels')
+VOLUME_AXES = parallel.VOLUME_AXES   # ('activation_batch', 'activation_depth', …)
 PARAM_AXIS_NAMES = ('conv_d', 'conv_h', 'conv_w', 'conv_in', 'conv_out', 'embed', 'mlp',
                     'heads', 'text_embed', 'norm')
 
 
+REMAT_POLICIES = {
+    'none': None,                                              # keep every activation
+    'full': jax.checkpoint_policies.nothing_saveable,          # recompute the whole block
+    'dots': jax.checkpoint_policies.dots_saveable,             # keep conv/matmul outputs only
+}
+
+
+def remat(module_cls: type, policy: str, static_argnums: tuple[int, ...] = ()) -> type:
+  """`module_cls` rematerialised under `REMAT_POLICIES[policy]` ('none': unchanged). The
+  wrapped class has the same parameter names and values; only the backward pass changes."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'remat policy {policy!r}: expected one of {sorted(REMAT_POLICIES)}')
+  if policy == 'none':
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
 def constrain_volume(x: Array) -> Array:
-  """Annotates a `[N, D, H, W, C]` activation with `VOLUME_AXES` (no-op without rules)."""
-  return nn.with_logical_constraint(x, VOLUME_AXES)
+  """Annotates a `[N, D, H, W, C]` activation with `VOLUME_AXES` (no-op without rules and mesh;
+  axes that do not divide a dimension are left unsharded, see `parallel.logical_to_spec`)."""
+  return parallel.constrain(x, VOLUME_AXES)
 
 
 def uniform_fan_in_init(fan_in: int) -> Callable[..., Array]:
@@ -216,7 +235,8 @@ class ResBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, emb: Array, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
+    # `train` may be positional so that `nn.remat(ResBlock, static_argnums=(3,))` keeps it static.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     conv_kw = dict(kw, impl=self.conv_impl)
     h = nn.silu(GroupNorm(self.num_groups, param_dtype=self.param_dtype, name='in_norm')(x))

@@ -34,6 +34,12 @@ Torch → flax names for checkpoint import: `input_blocks.k.0.*` → `input_bloc
 `skip_conv`. Conv kernels are `[kD, kH, kW, C_in, C_out]` (torch `[C_out, C_in, kD, kH, kW]`),
 dense kernels `[C_in, C_out]`, norms `scale`/`bias`.
 
+Memory: `remat_levels` (one of 'none' | 'dots' | 'full' per level; `layers.REMAT_POLICIES`) and
+`middle_remat` rematerialise the ResBlocks and attention of a level in the backward pass
+(`nn.remat`): same parameter names and values, same outputs, less activation memory.
+`dtype='bfloat16'` computes in bf16 while `param_dtype` keeps float32 master weights (GroupNorm
+statistics and attention softmax stay float32).
+
 Logical axis names (mapped to mesh axes in `cf3d_jax.parallel`):
   params:      'conv_d', 'conv_h', 'conv_w', 'conv_in', 'conv_out' (conv kernels / biases),
                'embed', 'mlp', 'heads', 'text_embed' (dense kernels / biases), 'norm' (norms)
@@ -94,6 +100,8 @@ class UNet(nn.Module):
   num_groups: int = 32
   resblock_updown: bool = True
   conv_impl: str = 'xla'        # 'xla' | 'im2col' (layers.conv3d; same params, same math)
+  remat_levels: tuple[str, ...] = ()   # per level: 'none' | 'full' | 'dots' (layers.REMAT_POLICIES)
+  middle_remat: str = 'none'           # the same for the middle blocks
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -118,6 +126,11 @@ class UNet(nn.Module):
     if self.conv_impl not in layers.CONV_IMPLS:
       raise UNetConfigError(f'UNet.conv_impl={self.conv_impl!r}: expected one of '
                             f'{layers.CONV_IMPLS}.')
+    for policy in self._remat(num_levels) + (self.middle_remat,):
+      if policy not in layers.REMAT_POLICIES:
+        raise UNetConfigError(f'UNet remat policy {policy!r} (remat_levels='
+                              f'{tuple(self.remat_levels)}, middle_remat={self.middle_remat!r}): '
+                              f'expected one of {sorted(layers.REMAT_POLICIES)}.')
     if not 0.0 <= self.dropout < 1.0:
       raise UNetConfigError(f'UNet.dropout must be in [0, 1), got {self.dropout}.')
     if x.ndim != 5:
@@ -145,16 +158,27 @@ class UNet(nn.Module):
         raise UNetConfigError(f'UNet text_mask must be [N, L] = {tuple(text_emb.shape[:2])}, '
                               f'got {text_mask.shape}.')
 
+  def _remat(self, num_levels: int) -> tuple[str, ...]:
+    """Per-level remat policy names; an empty tuple means 'none' everywhere."""
+    if not self.remat_levels:
+      return ('none',) * num_levels
+    if len(self.remat_levels) != num_levels:
+      raise UNetConfigError(f'UNet.remat_levels has {len(self.remat_levels)} entries '
+                            f'{tuple(self.remat_levels)}, expected one per level of '
+                            f'channel_mult ({num_levels}) or none.')
+    return tuple(self.remat_levels)
+
   def _attend(self, h: Array, prefix: str, self_attn: bool, cross_attn: bool,
-              text_emb: Array | None, text_mask: Array | None) -> Array:
+              text_emb: Array | None, text_mask: Array | None, remat: str = 'none') -> Array:
     """Optional self- then cross-attention after a ResBlock named `prefix`."""
     kw = dict(head_channels=self.head_channels, num_groups=self.num_groups,
               dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+    attention = layers.remat(layers.SpatialAttention, remat)
     if self_attn:
-      h = layers.SpatialAttention(name=f'{prefix}_self_attn', **kw)(h)
+      h = attention(name=f'{prefix}_self_attn', **kw)(h)
       h = layers.constrain_volume(h)
     if cross_attn:
-      h = layers.SpatialAttention(name=f'{prefix}_cross_attn', **kw)(h, text_emb, text_mask)
+      h = attention(name=f'{prefix}_cross_attn', **kw)(h, text_emb, text_mask)
       h = layers.constrain_volume(h)
     return h
 
@@ -183,10 +207,14 @@ class UNet(nn.Module):
       text_mask = None if text_mask is None else text_mask.astype(bool)
     text = (text_emb, text_mask)
 
-    def res_block(out_ch: int, name: str, drop: bool, up: bool = False,
+    remat_levels = self._remat(num_levels)
+
+    def res_block(out_ch: int, name: str, drop: bool, remat: str, up: bool = False,
                   down: bool = False) -> layers.ResBlock:
-      return layers.ResBlock(out_ch, self.num_groups, self.dropout if drop else 0.0,
-                             up=up, down=down, conv_impl=self.conv_impl, name=name, **kw)
+      # Called as block(h, emb, train): `train` positional, static under remat.
+      cls = layers.remat(layers.ResBlock, remat, static_argnums=(3,))
+      return cls(out_ch, self.num_groups, self.dropout if drop else 0.0,
+                 up=up, down=down, conv_impl=self.conv_impl, name=name, **kw)
 
     base = self.base_channels
     time_dim = 4 * base
@@ -203,9 +231,10 @@ class UNet(nn.Module):
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
         name = f'input_blocks_{block}'
-        h = res_block(mult * base, name, drop_levels[level])(h, emb, train=train)
+        h = res_block(mult * base, name, drop_levels[level], remat_levels[level])(h, emb, train)
         h = layers.constrain_volume(h)
-        h = self._attend(h, name, self_levels[level], cross_levels[level], *text)
+        h = self._attend(h, name, self_levels[level], cross_levels[level], *text,
+                         remat=remat_levels[level])
         skips.append(h)
         skip_channels.append(mult * base)
         block += 1
@@ -213,7 +242,8 @@ class UNet(nn.Module):
         ch = h.shape[-1]
         name = f'input_blocks_{block}'
         if self.resblock_updown:
-          h = res_block(ch, name, drop_levels[level], down=True)(h, emb, train=train)
+          h = res_block(ch, name, drop_levels[level], remat_levels[level], down=True)(
+              h, emb, train)
         else:
           h = layers.Downsample(ch, name=name, **kw)(h)
         h = layers.constrain_volume(h)
@@ -224,9 +254,10 @@ class UNet(nn.Module):
     ch = h.shape[-1]
     for j in range(self.num_middle_blocks):
       name = f'middle_block_{j}'
-      h = res_block(ch, name, self.middle_dropout)(h, emb, train=train)
+      h = res_block(ch, name, self.middle_dropout, self.middle_remat)(h, emb, train)
       h = layers.constrain_volume(h)
-      h = self._attend(h, name, self.middle_attention, self.middle_cross_attention, *text)
+      h = self._attend(h, name, self.middle_attention, self.middle_cross_attention, *text,
+                       remat=self.middle_remat)
 
     block = 0
     for level in reversed(range(num_levels)):
@@ -235,13 +266,14 @@ class UNet(nn.Module):
         skip_channels.pop()
         out_ch = skip_channels[-1] if skip_channels else base
         name = f'output_blocks_{block}'
-        h = res_block(out_ch, name, drop_levels[level])(h, emb, train=train)
+        h = res_block(out_ch, name, drop_levels[level], remat_levels[level])(h, emb, train)
         h = layers.constrain_volume(h)
-        h = self._attend(h, name, self_levels[level], cross_levels[level], *text)
+        h = self._attend(h, name, self_levels[level], cross_levels[level], *text,
+                         remat=remat_levels[level])
         if level and i == self.num_res_blocks:
           if self.resblock_updown:
-            h = res_block(out_ch, f'{name}_up', drop_levels[level], up=True)(
-                h, emb, train=train)
+            h = res_block(out_ch, f'{name}_up', drop_levels[level], remat_levels[level],
+                          up=True)(h, emb, train)
           else:
             h = layers.Upsample(out_ch, conv_impl=self.conv_impl, name=f'{name}_up', **kw)(h)
           h = layers.constrain_volume(h)

@@ -36,11 +36,15 @@ def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jn
   return fn
 
 
-def _grid(objective) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """(times `[S]` descending, next times `[S]` ending at the objective's clean end)."""
+def _grid(objective, depth: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(times `[S']` descending, next times `[S']` ending at the objective's clean end): the last
+  S' = max(1, round(depth·S)) steps of the sampler's grid (depth 1 = all of it)."""
   steps = np.asarray(objective.timesteps())
   nxt = np.concatenate([steps[1:], np.asarray([objective.final_time], steps.dtype)])
-  return jnp.asarray(steps), jnp.asarray(nxt)
+  if not 0.0 < depth <= 1.0:
+    raise ValueError(f"depth={depth}: expected a fraction in (0, 1]")
+  keep = max(1, int(round(depth * len(steps))))
+  return jnp.asarray(steps[-keep:]), jnp.asarray(nxt[-keep:])
 
 
 def _bind(objective, model_fn: ModelFn, text_emb: jnp.ndarray, text_mask: jnp.ndarray):
@@ -51,15 +55,15 @@ def _bind(objective, model_fn: ModelFn, text_emb: jnp.ndarray, text_mask: jnp.nd
 def sample_loop(objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jnp.ndarray,
                 text_mask: jnp.ndarray, key: jax.Array,
                 clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
-                deterministic: bool = False) -> jnp.ndarray:
+                deterministic: bool = False, depth: float = 1.0) -> jnp.ndarray:
   """Runs the objective's sampler from `z_start` (pure noise, or an inversion) to the clean end.
 
   z_start `[N, ...]`; text_emb `[N, L, E]`; returns z0 `[N, ...]`. The step key is
   `fold_in(key, i)` for step i. `deterministic=True` uses the objective's ODE step (DDIM η = 0
   for DDPM, Euler/Heun for rectified flow) whatever sampler the config names — the map that
-  `invert_loop` undoes.
+  `invert_loop` undoes. `depth` < 1 starts part-way down the grid (from a partial inversion).
   """
-  steps, nxt = _grid(objective)
+  steps, nxt = _grid(objective, depth)
   n = z_start.shape[0]
   model_eval = _bind(objective, model_fn, text_emb, text_mask)
 
@@ -75,7 +79,7 @@ def sample_loop(objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jn
 
 
 def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,
-                text_mask: jnp.ndarray, refine_iters: int = 0) -> jnp.ndarray:
+                text_mask: jnp.ndarray, refine_iters: int = 0, depth: float = 1.0) -> jnp.ndarray:
   """Deterministic inversion: clean z0 `[N, ...]` → the start noise that `sample_loop(...,
   deterministic=True)` maps back to (approximately) z0, on the same time grid in reverse.
 
@@ -83,8 +87,11 @@ def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.nda
   the step's noisier time), then `refine_iters` fixed-point corrections
   `z_b ← z_b + (z_a − ode_step(z_b, b → a))`, which make each step the exact inverse of the
   sampler's step when they converge (each costs one ODE step of network calls). No clipping.
+  `depth` < 1 inverts only the last fraction of the grid (stops at an intermediate noise level;
+  decode with the same depth): less of the subject is locked into the noise, so the prompt can
+  change more (SDEdit-style strength).
   """
-  steps, nxt = _grid(objective)
+  steps, nxt = _grid(objective, depth)
   n = z0.shape[0]
   model_eval = _bind(objective, model_fn, text_emb, text_mask)
 
@@ -92,8 +99,9 @@ def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.nda
     t_b, t_a = xs
     tb, ta = jnp.full((n,), t_b), jnp.full((n,), t_a)
     z_b = objective.inversion_step(model_eval, z_a, ta, tb)
-    for _ in range(refine_iters):
-      z_b = z_b + (z_a - objective.ode_step(model_eval, z_b, tb, ta))
+    # A loop, not an unrolled chain: one copy of the network in the compiled body.
+    z_b = jax.lax.fori_loop(
+        0, refine_iters, lambda _, z: z + (z_a - objective.ode_step(model_eval, z, tb, ta)), z_b)
     return z_b, None
 
   z, _ = jax.lax.scan(body, z0, (steps[::-1], nxt[::-1]))

@@ -28,3 +28,23 @@ def test_export_test_split_round_trips(prepared_data, tmp_path):
   assert all(s["prompt"].startswith("Subject has") for s in sources)
   limited = export_split(data_dir, "train", str(tmp_path / "two"), seed=0, limit=2)
   assert len(list(csv.DictReader(open(limited)))) == 2
+
+
+def test_on_grid_sources_are_taken_as_is_and_others_conformed(prepared_data, tmp_path):
+  from cf3d_jax.config_base import load_config_file
+  from cf3d_jax.sample import load_source
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config = load_config_file(os.path.join(root, "configs", "demo.py"), "smoke")
+  data_dir = os.path.join(prepared_data, "data", "records")
+  index = records.load_index(data_dir)
+  grid = np.asarray(index["meta"]["affine"])
+  path = export_split(data_dir, "val", str(tmp_path), seed=0, limit=1)
+  scan = os.path.join(str(tmp_path), next(csv.DictReader(open(path)))["path"])
+  data, _ = nifti.load_volume(scan)
+  np.testing.assert_array_equal(load_source(scan, config, grid), data)
+  # The same voxels as a raw scan (intensities 0–1000, other affine) are conformed: [-1, 1].
+  raw = tmp_path / "raw.nii.gz"
+  nifti.save_volume(str(raw), (data + 1) * 500, np.diag([2.0, 2.0, 2.0, 1.0]))
+  conformed = load_source(str(raw), config, grid)
+  assert conformed.shape == data.shape and conformed.min() >= -1 and conformed.max() <= 1
+  assert not np.allclose(conformed, data)

@@ -70,3 +70,22 @@ def test_save_volume_is_atomic_and_readable(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["out.nii.gz"]
   img = nib.load(path)
   assert img.shape == (4, 4, 4) and img.affine[0, 0] == 3.0
+
+
+def test_crop_is_centred_on_the_brain_not_on_bright_or_separate_objects():
+  data = np.zeros((60, 60, 60), np.float32)
+  data[10:40, 15:45, 20:50] = 100.0            # the brain: bounding-box centre (24.5, 29.5, 34.5)
+  data[12:24, 17:43, 22:48] = 400.0            # a large bright region on one side of it
+  data[55:59, 2:6, 2:6] = 400.0                # a separate marker far away
+  rng = np.random.default_rng(0)
+  data += rng.uniform(0, 1, data.shape).astype(np.float32)   # background noise specks
+  lo, hi = np.percentile(data, (0.5, 99.5))
+  np.testing.assert_allclose(nifti.foreground_center(data, lo, hi), (24.5, 29.5, 34.5))
+  # The old centre of mass of everything above the lower percentile is pulled off the brain.
+  from scipy import ndimage
+  assert np.abs(np.asarray(ndimage.center_of_mass(data > lo)) - (24.5, 29.5, 34.5)).max() > 3
+  vol, affine = nifti.conform(data, np.eye(4), (32, 32, 32), 64.0, (0.5, 99.5))
+  np.testing.assert_allclose((affine @ [15.5, 15.5, 15.5, 1.0])[:3], (24.5, 29.5, 34.5))
+  brain = np.argwhere(vol[:26, 8:, 8:] > -0.9) + (0, 8, 8)   # (the marker lies near a corner)
+  np.testing.assert_allclose((brain.min(0) + brain.max(0)) / 2.0, 15.5, atol=0.5)
+  assert nifti.foreground_center(np.zeros((4, 6, 8)), 0.0, 1.0).tolist() == [1.5, 2.5, 3.5]

@@ -152,3 +152,86 @@ def test_worker_processes_give_the_same_restorable_stream(prepared_data, tmp_pat
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                         timeout=300)
   assert "WORKERS_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def _volume_ids(workdir):
+  """Maps a volume's bytes to its record position (every phantom volume is distinct)."""
+  import grain
+  folder = data_paths(workdir)["records"]
+  index = records.load_index(folder)
+  src = grain.sources.ArrayRecordDataSource(records.shard_paths(folder, index))
+  ids = {records.decode_record(src[i])["volume"].tobytes(): i for i in range(len(src))}
+  assert len(ids) == len(src)
+  return index, ids
+
+
+def _take(ds, n):
+  it = iter(ds)
+  return [next(it) for _ in range(n)]
+
+
+def test_host_shards_partition_the_global_stream(workdir_with_data, smoke_config):
+  index, ids = _volume_ids(workdir_with_data)
+  paths = data_paths(workdir_with_data)
+  table = load_table(paths["table"])
+  smoke_config.data.class_weighting = False          # epochs: each train record once
+  smoke_config.train.batch_size = 2
+  train = set(records.positions(index, pipeline.split_subjects(
+      [r["subject_id"] for r in index["records"]], smoke_config.data.split,
+      smoke_config.seed)["train"]).tolist())
+  n = len(train)
+  make = lambda i, c, cfg=smoke_config: pipeline.make_train_dataset(paths["records"], index,
+                                                                     table, cfg, i, c)
+  shards = [_take(make(i, 2), n) for i in range(2)]      # n local batches of 1 = 2 epochs
+  assert all(b["volume"].shape[0] == 1 for s in shards for b in s)
+  first_epoch = [[ids[b["volume"][0].tobytes()] for b in s[: n // 2]] for s in shards]
+  assert not set(first_epoch[0]) & set(first_epoch[1])
+  assert set(first_epoch[0]) | set(first_epoch[1]) == train
+  # Local batch k of every host together = the single-process global batch k.
+  smoke_config.data.prefetch = 0                       # synchronous reading: same stream
+  whole = _take(make(0, 1), n)
+  for k, batch in enumerate(whole):
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], np.concatenate([shards[0][k][key],
+                                                                shards[1][k][key]]))
+  again = _take(make(1, 2), n)                         # deterministic
+  for a, b in zip(again, shards[1]):
+    np.testing.assert_array_equal(a["volume"], b["volume"])
+  assert pipeline._default_shard(None, None) == (0, 1)  # jax.process_index/count
+  with pytest.raises(Exception, match="shard_index=2"):
+    make(2, 2)
+  smoke_config.train.batch_size = 3
+  with pytest.raises(Exception, match="not divisible"):
+    make(0, 2)
+
+
+def test_augmentation_is_off_by_default_and_draws_after_the_prompt(workdir_with_data,
+                                                                   smoke_config):
+  aug = pipeline.Augment.from_config(smoke_config.data.augment)
+  assert not aug.enabled
+  x = np.full((4, 4, 4, 1), -1.0, np.float32)
+  x[1:3, 1:3, 1:3] = 0.5
+  x[1, 1, 1] = 0.9
+  on = pipeline.Augment(intensity_scale=0.2, intensity_shift=0.0, flip_axes=(0,))
+  outs = [on(x, np.random.default_rng(s)) for s in range(20)]
+  assert all(o.min() >= -1 and o.max() <= 1 and o.dtype == np.float32 for o in outs)
+  assert all(np.all(o[x == -1] == -1) for o in outs)    # scaling about the background
+  flipped = [np.array_equal(o[::-1] > -1, o > -1) and o[2, 1, 1, 0] > o[1, 1, 1, 0] for o in outs]
+  assert 0 < sum(flipped) < 20                          # axis 0 flipped about half the time
+  np.testing.assert_array_equal(on(x, np.random.default_rng(3)), outs[3])
+  shifted = pipeline.Augment(intensity_shift=0.1)(x, np.random.default_rng(0))
+  assert 0 < np.abs(shifted[x > -1] - x[x > -1]).max() <= 0.1 + 1e-6
+  _, _, plain = _stream(workdir_with_data, smoke_config)
+  smoke_config.data.augment.intensity_scale = 0.3
+  smoke_config.data.augment.flip_axes = (2,)
+  from cf3d_jax import config_base
+  config_base.validate(smoke_config)
+  _, _, augmented = _stream(workdir_with_data, smoke_config)
+  a, b = _take(plain, 3), _take(augmented, 3)
+  for p, q in zip(a, b):
+    for key in ("label", "is_null", "text_emb"):
+      np.testing.assert_array_equal(p[key], q[key])
+  assert any(not np.array_equal(p["volume"], q["volume"]) for p, q in zip(a, b))
+  smoke_config.data.augment.flip_axes = (3,)
+  with pytest.raises(Exception, match="data.augment.flip_axes"):
+    config_base.validate(smoke_config)

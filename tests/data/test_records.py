@@ -58,3 +58,22 @@ def test_index_errors_name_the_file(tmp_path):
                                                      "shards": ["shard-00000.array_record"]}))
   with pytest.raises(DataError, match="shard-00000.array_record"):
     records.load_index(str(tmp_path))
+
+
+def test_decode_is_zero_copy_for_stored_members_and_reads_compressed_ones():
+  import io
+  rec = {"volume": np.arange(60, dtype=np.float32).reshape(3, 4, 5, 1), "subject_id": "sub-ü",
+         "label": 2, "clinical_value": 1.5, "mask": np.eye(3, dtype=np.uint8),
+         "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3))}
+  data = records.encode_record(rec)
+  out = records.decode_record(data)
+  assert set(out) == set(rec)
+  for k, v in rec.items():
+    np.testing.assert_array_equal(out[k], np.asarray(v))
+    assert out[k].dtype == np.asarray(v).dtype and out[k].shape == np.asarray(v).shape
+  assert not out["volume"].flags.writeable and not out["volume"].flags.owndata  # a view of data
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **{k: np.asarray(v) for k, v in rec.items()})
+  packed = records.decode_record(buf.getvalue())
+  for k, v in rec.items():
+    np.testing.assert_array_equal(packed[k], np.asarray(v))

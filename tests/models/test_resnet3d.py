@@ -244,3 +244,21 @@ def test_bad_settings_and_inputs():
   with pytest.raises(ValueError, match=r'\[N, D, H, W, 1\]'):
     model.init(jax.random.key(0), jnp.ones((1, 16, 16, 16, 2)))
   assert resnet3d.feature_dim(34) == 512 and resnet3d.feature_dim(50) == 2048
+
+
+def test_convert_cli_medicalnet_round_trip(tmp_path):
+  """`python -m cf3d_jax.convert medicalnet IN OUT --depth 10` on a MedicalNet-style .pth."""
+  import torch
+  from cf3d_jax import convert
+  from cf3d_jax.convert.__main__ import main as convert_main
+  ref = _randomised(_torch_medicalnet(10, 'B'), seed=3)
+  ckpt = tmp_path / 'resnet_10.pth'
+  torch.save({'state_dict': {'module.' + k: v for k, v in ref.state_dict().items()}}, ckpt)
+  out = tmp_path / 'med3d'
+  assert convert_main(['medicalnet', str(ckpt), str(out), '--depth', '10']) == 0
+  config, variables = convert.load_converted(str(out))
+  assert config == {'depth': 10, 'shortcut_type': None}
+  want = resnet3d.convert_medicalnet_state_dict(_state_dict(ref), 10)
+  for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert convert_main(['medicalnet', str(ckpt), str(out), '--depth', '18']) == 2  # OUT exists

@@ -1,0 +1,294 @@
+"""`--mode=evaluate`: the paper's Table 1 (quality, diversity, preservation, alignment) and Table 2
+(the guidance sweep) for a trained generator, plus ground truth on the phantoms.
+
+For every guidance scale of `config.eval.guidance_scales` (the first is Table 1's setting):
+1. K = `eval.num_per_prompt` fixed noises (an evaluation stream of the seed, disjoint from
+   `--mode=sample`'s) are decoded under every prompt of `config.sample.prompts`; prompt 0 is the
+   factual baseline (the paper's "low" class) and the others its counterfactuals from the same noise.
+2. Columns:
+   - `fid`: Fréchet distance between Med3D features (`models.resnet3d`, global average of layer4)
+     of all generated volumes and of the real volumes of `eval.real_split`. With `eval.med3d`
+     empty the ResNet-10 is randomly initialised (seeded): the number then only ranks runs of the
+     same setup against each other; convert MedicalNet's `resnet_50_23dataset.pth` with
+     `python -m cf3d_jax.convert medicalnet` for the paper's feature space.
+   - `ms_ssim_diversity`: mean MS-SSIM over `eval.diversity_pairs` random pairs of generated
+     volumes of the same prompt (lower = more diverse).
+   - `ms_ssim_preservation`, `psnr_preservation`: between each counterfactual and its factual
+     baseline (same noise), averaged over counterfactual prompts and subjects.
+   - `alignment`: accuracy of the text-alignment classifier (`--mode=train_classifier`) on the
+     counterfactuals, the label being the prompt's class; and `alignment_all` over every volume.
+   - phantoms: the measurement rule of `metrics.lesion` (MS) or `metrics.ventricles` (AD) per
+     volume: mean per prompt, mean change factual → counterfactual, and for MS the fraction of
+     volumes whose measured lesion volume falls in the prompt's class range (the counterfactual
+     "lands in its class") with the mean distance to that range in mL.
+MS-SSIM uses `eval.ms_ssim_kernel` and `eval.ms_ssim_scales` (the first scales' standard weights,
+renormalised), data range 2 (images in [-1, 1]).
+Outputs in `WORKDIR/eval/`: `results.json`, `results.md` (the paper's layout) and
+`guidance.png` (alignment and preservation against guidance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from cf3d_jax import config_base
+from cf3d_jax.data import records
+from cf3d_jax.data.export import read_records, split_entries
+from cf3d_jax.data.prepare import data_paths
+from cf3d_jax.errors import ConfigError
+from cf3d_jax.files import atomic_path, write_text
+from cf3d_jax.metrics import fid as fid_lib
+from cf3d_jax.metrics import image as image_lib
+from cf3d_jax.metrics import lesion as lesion_lib
+from cf3d_jax.metrics import ventricles as ventricle_lib
+from cf3d_jax.sample import SAMPLE_STREAM, _restore, make_sampler, subject_noise
+from cf3d_jax.text import prompts as prompt_lib
+
+EVAL_STREAM = 2_000_033   # subject k's evaluation noise = subject_noise(seed + EVAL_STREAM, k)
+
+
+def prompt_class(dataset: str, prompt: str) -> int | None:
+  """Class index of a prompt (training or held-out template), or None if it names none."""
+  for templates in (None, prompt_lib.HELDOUT_TEMPLATES.get(dataset)):
+    table = prompt_lib.class_templates(dataset, templates)
+    for i, cls in enumerate(prompt_lib.CLASSES[dataset]):
+      if prompt in table[cls]:
+        return i
+  return None
+
+
+def ms_ssim_settings(config, shape) -> dict:
+  """kwargs for `ms_ssim_3d`; ConfigError if the volume is too small for them."""
+  kernel, scales = int(config.eval.ms_ssim_kernel), int(config.eval.ms_ssim_scales)
+  if not 1 <= scales <= len(image_lib.MS_SSIM_WEIGHTS):
+    raise ConfigError(f"config.eval.ms_ssim_scales={scales}: expected 1..5")
+  need = image_lib.ms_ssim_min_size(kernel, scales)
+  if min(shape) < need:
+    raise ConfigError(f"config.eval.ms_ssim_kernel={kernel} with ms_ssim_scales={scales} needs "
+                      f"volumes of at least {need} voxels per side; data.shape={tuple(shape)}")
+  w = np.asarray(image_lib.MS_SSIM_WEIGHTS[:scales], np.float64)
+  return {"kernel_size": kernel, "weights": tuple(float(v) for v in w / w.sum())}
+
+
+def feature_extractor(config):
+  """jit(x [N, D, H, W, 1]) → Med3D features `[N, F]`, and a description of the network."""
+  from cf3d_jax.models import resnet3d
+  if config.eval.med3d:
+    from cf3d_jax import convert
+    model_config, variables = convert.load_converted(config.eval.med3d)
+    model = resnet3d.build_resnet3d(model_config["depth"], model_config.get("shortcut_type"))
+    what = f"MedicalNet ResNet-{model_config['depth']} from {config.eval.med3d}"
+  else:
+    model = resnet3d.build_resnet3d(10)
+    shape = (1,) + tuple(config.data.shape) + (1,)
+    variables = jax.jit(model.init)(jax.random.key(config.seed + EVAL_STREAM),
+                                    jnp.zeros(shape, jnp.float32))
+    what = "random-init ResNet-10 (no eval.med3d given): FID comparable only between runs"
+  return jax.jit(lambda x: model.apply(variables, x)), what
+
+
+def _features(fn, volumes: np.ndarray, bsz: int) -> np.ndarray:
+  return np.concatenate([np.asarray(fn(jnp.asarray(volumes[i:i + bsz])))
+                         for i in range(0, len(volumes), bsz)]).astype(np.float64)
+
+
+def _pairwise(fn, a: np.ndarray, b: np.ndarray, bsz: int) -> np.ndarray:
+  """fn over aligned pairs a[i], b[i] `[n, D, H, W, 1]` in batches → `[n]`."""
+  return np.concatenate([np.asarray(fn(jnp.asarray(a[i:i + bsz]), jnp.asarray(b[i:i + bsz])))
+                         for i in range(0, len(a), bsz)])
+
+
+def _generate(r, config, scale: float) -> np.ndarray:
+  """Volumes `[K, P, D, H, W, 1]` for K evaluation noises × P prompts at guidance `scale`."""
+  from tqdm import tqdm
+  prompts, k_total, bsz = r["prompts"], config.eval.num_per_prompt, config.eval.batch_size
+  z_shape = r["space"].latent_shape(tuple(config.data.shape))
+  run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"])
+  items = [(k, p) for k in range(k_total) for p in range(len(prompts))]
+  out = np.zeros((k_total, len(prompts)) + tuple(config.data.shape) + (1,), np.float32)
+  for start in tqdm(range(0, len(items), bsz), desc=f"evaluate w={scale:g}", unit="batch"):
+    chunk = items[start:start + bsz]
+    padded = chunk + [chunk[-1]] * (bsz - len(chunk))
+    z = jnp.stack([subject_noise(config.seed + EVAL_STREAM, k, z_shape) for k, _ in padded])
+    x = run(r["params"], z, jnp.asarray(r["emb"][[p for _, p in padded]]),
+            jnp.asarray(r["mask"][[p for _, p in padded]]),
+            jax.random.fold_in(jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), start))
+    for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk)]):
+      out[k, p] = v
+  return out
+
+
+def _ground_truth(config, reference, volumes: np.ndarray, prompts: list[str]) -> dict:
+  """Phantom rule per volume → per-prompt means, factual → counterfactual change, class hits."""
+  k_total, n_prompts = volumes.shape[:2]
+  if config.data.dataset == "adni":
+    region = ventricle_lib.central_region(reference.ventricle_fraction, reference.brain_mask,
+                                          reference.voxel_ml)
+    measure = lambda v: ventricle_lib.ventricle_volume_ml(v, region, reference.voxel_ml)
+    stat = "ventricle_volume_ml"
+  else:
+    measure = lambda v: float(lesion_lib.lesion_volume_ml(
+        v[..., 0], reference.wm_mask, reference.voxel_ml, config.eval.lesion_threshold))
+    stat = "lesion_volume_ml"
+  vals = np.asarray([[measure(volumes[k, p]) for p in range(n_prompts)] for k in range(k_total)])
+  out = {"stat": stat,
+         "mean": {p: float(vals[:, i].mean()) for i, p in enumerate(prompts)},
+         "mean_change_vs_factual": {p: float((vals[:, i] - vals[:, 0]).mean())
+                                    for i, p in enumerate(prompts[1:], start=1)}}
+  if config.data.dataset == "ms":
+    bounds = [0.0, *prompt_lib.LESION_BOUNDS_ML, np.inf]
+    hits, dist = {}, {}
+    for i, p in enumerate(prompts):
+      c = prompt_class("ms", p)
+      if c is None:
+        continue
+      lo, hi = bounds[c], bounds[c + 1]
+      hits[p] = float(np.mean((vals[:, i] >= lo) & (vals[:, i] < hi)))
+      dist[p] = float(np.mean(np.maximum(lo - vals[:, i], 0) + np.maximum(vals[:, i] - hi, 0)))
+    out["fraction_in_class_range"] = hits
+    out["mean_distance_to_class_range_ml"] = dist
+  return out
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Runs the evaluation and writes `WORKDIR/eval/`; returns the results dict."""
+  from cf3d_jax import classifier as classifier_lib
+  config_base.validate(config)
+  r = _restore(config, workdir)
+  prompts, dataset = r["prompts"], config.data.dataset
+  if len(prompts) < 2:
+    raise ConfigError("config.sample.prompts: evaluation needs a factual prompt and at least one "
+                      "counterfactual prompt")
+  shape = tuple(config.data.shape)
+  ms_kw = ms_ssim_settings(config, shape)
+  bsz = config.eval.batch_size
+  paths = data_paths(workdir)
+  index = records.load_index(paths["records"])
+  entries = split_entries(index, config.eval.real_split, config.seed, tuple(config.data.split))
+  if not entries:
+    raise ConfigError(f"config.eval.real_split={config.eval.real_split!r} holds no subjects")
+  real_recs = read_records(paths["records"], index, entries)
+  real = np.stack([rec["volume"] for rec in real_recs]).astype(np.float32)
+  real_labels = np.asarray([int(rec["label"]) for rec in real_recs])
+  feats, feat_what = feature_extractor(config)
+  real_stats = fid_lib.feature_statistics(_features(feats, real, bsz))
+  ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
+  psnr = jax.jit(lambda a, b: image_lib.psnr(a, b, 2.0))
+  predictor = classifier_lib.find_predictor(config, workdir)
+  labels = np.asarray([prompt_class(dataset, p) if prompt_class(dataset, p) is not None else -1
+                       for p in prompts])
+  result = {"checkpoint_step": r["step"], "seed": config.seed, "dataset": dataset,
+            "objective": config.objective.name, "prompts": prompts,
+            "num_per_prompt": config.eval.num_per_prompt, "real_split": config.eval.real_split,
+            "num_real": len(real), "fid_features": feat_what,
+            "ms_ssim": {"kernel_size": ms_kw["kernel_size"], "weights": list(ms_kw["weights"]),
+                        "data_range": 2.0}, "scales": []}
+  if predictor is not None:
+    result["classifier"] = {"path": predictor.path,
+                            "real_accuracy": float(np.mean(
+                                predictor.predict(real, bsz) == real_labels))}
+  rng = np.random.default_rng([config.seed, 17])
+  for scale in config.eval.guidance_scales:
+    vols = _generate(r, config, float(scale))
+    k_total, n_prompts = vols.shape[:2]
+    flat = vols.reshape((-1,) + vols.shape[2:])
+    row = {"guidance_scale": float(scale)}
+    gen_stats = fid_lib.feature_statistics(_features(feats, flat, bsz))
+    row["fid"] = fid_lib.frechet_distance(*gen_stats, *real_stats)
+    div = []
+    for p in range(n_prompts):
+      i, j = image_lib.sample_pairs(k_total, config.eval.diversity_pairs or None,
+                                    seed=int(rng.integers(1 << 30)))
+      if len(i):
+        div.append(_pairwise(ms_ssim, vols[i, p], vols[j, p], bsz))
+    row["ms_ssim_diversity"] = float(np.mean(np.concatenate(div))) if div else float("nan")
+    fact = np.repeat(vols[:, :1], n_prompts - 1, axis=1).reshape((-1,) + vols.shape[2:])
+    cf = vols[:, 1:].reshape((-1,) + vols.shape[2:])
+    row["ms_ssim_preservation"] = float(np.mean(_pairwise(ms_ssim, fact, cf, bsz)))
+    row["psnr_preservation"] = float(np.mean(_pairwise(psnr, fact, cf, bsz)))
+    if predictor is not None and (labels >= 0).any():
+      pred = predictor.predict(flat, bsz).reshape(k_total, n_prompts)
+      ok = pred == labels[None, :]
+      keep = labels >= 0
+      row["alignment"] = float(ok[:, 1:][:, keep[1:]].mean()) if keep[1:].any() else float("nan")
+      row["alignment_all"] = float(ok[:, keep].mean())
+    if r["reference"] is not None and tuple(r["reference"].shape) == shape:
+      row["ground_truth"] = _ground_truth(config, r["reference"], vols, prompts)
+    result["scales"].append(row)
+    logging.info("evaluate w=%g: %s", scale, {k: v for k, v in row.items()
+                                               if not isinstance(v, dict)})
+  out_dir = os.path.join(workdir, "eval")
+  write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
+  write_text(os.path.join(out_dir, "results.md"), results_markdown(result))
+  plot_guidance(result, os.path.join(out_dir, "guidance.png"))
+  return result
+
+
+def _fmt(v, digits=4) -> str:
+  return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def results_markdown(result: dict) -> str:
+  """Table 1 (first scale) and Table 2 (every scale) in the paper's column layout."""
+  first = result["scales"][0]
+  lines = [f"# Evaluation: {result['objective']} on {result['dataset']} "
+           f"(checkpoint {result['checkpoint_step']}, {result['num_per_prompt']} per prompt)", "",
+           f"FID features: {result['fid_features']}.",
+           f"Real volumes: {result['num_real']} ({result['real_split']} split).", ""]
+  if "classifier" in result:
+    lines.append(f"Classifier accuracy on real {result['real_split']} volumes: "
+                 f"{100 * result['classifier']['real_accuracy']:.2f}%.")
+    lines.append("")
+  lines += [f"## Table 1 (guidance w = {first['guidance_scale']:g})", "",
+            "| FID ↓ | MS-SSIM div ↓ | MS-SSIM pres ↑ | PSNR ↑ | align % ↑ |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {_fmt(first['fid'])} | {_fmt(first['ms_ssim_diversity'])} | "
+            f"{_fmt(first['ms_ssim_preservation'])} | {_fmt(first['psnr_preservation'], 2)} | "
+            f"{_fmt(100 * first['alignment'], 2) if 'alignment' in first else '—'} |", "",
+            "## Table 2 (guidance sweep)", "",
+            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ |", "| --- | --- | --- | --- |"]
+  for row in result["scales"]:
+    align = _fmt(100 * row["alignment"], 2) if "alignment" in row else "—"
+    lines.append(f"| {row['guidance_scale']:g} | {align} | {_fmt(row['ms_ssim_preservation'])} | "
+                 f"{_fmt(row['psnr_preservation'], 2)} |")
+  gts = [row for row in result["scales"] if "ground_truth" in row]
+  if gts:
+    stat = gts[0]["ground_truth"]["stat"]
+    lines += ["", f"## Phantom ground truth ({stat}, measured in generated volumes)", "",
+              "| w | prompt | mean | change vs factual | in class range |",
+              "| --- | --- | --- | --- | --- |"]
+    for row in gts:
+      gt = row["ground_truth"]
+      for p, mean in gt["mean"].items():
+        change = gt["mean_change_vs_factual"].get(p)
+        hit = gt.get("fraction_in_class_range", {}).get(p)
+        lines.append(f"| {row['guidance_scale']:g} | {p} | {mean:.2f} | "
+                     f"{'—' if change is None else f'{change:+.2f}'} | "
+                     f"{'—' if hit is None else f'{100 * hit:.0f}%'} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_guidance(result: dict, path: str) -> None:
+  """Alignment (if a classifier was found) and preservation against the guidance scale."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  w = [row["guidance_scale"] for row in result["scales"]]
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.plot(w, [row["ms_ssim_preservation"] for row in result["scales"]], "o-",
+          label="MS-SSIM preservation")
+  if all("alignment" in row for row in result["scales"]):
+    ax.plot(w, [row["alignment"] for row in result["scales"]], "s-", label="alignment")
+  ax.set_xlabel("guidance scale w")
+  ax.set_ylim(0, 1.02)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
+  plt.close(fig)
