@@ -247,6 +247,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.data.shape, "three positive ints")
   _check(len(c.data.split) == 3 and abs(sum(c.data.split) - 1) < 1e-6, "data.split",
          c.data.split, "three fractions summing to 1")
+  _check(c.data.num_subjects > 0, "data.num_subjects", c.data.num_subjects, "> 0")
   _check(c.data.records_per_shard > 0, "data.records_per_shard", c.data.records_per_shard, "> 0")
   _check(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, ">= 0")
   _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")

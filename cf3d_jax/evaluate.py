@@ -181,8 +181,8 @@ def evaluate(config, workdir: str) -> dict:
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
   psnr = jax.jit(lambda a, b: image_lib.psnr(a, b, 2.0))
   predictor = classifier_lib.find_predictor(config, workdir)
-  labels = np.asarray([prompt_class(dataset, p) if prompt_class(dataset, p) is not None else -1
-                       for p in prompts])
+  classes = [prompt_class(dataset, p) for p in prompts]
+  labels = np.asarray([-1 if c is None else c for c in classes])
   result = {"checkpoint_step": r["step"], "seed": config.seed, "dataset": dataset,
             "objective": config.objective.name, "prompts": prompts,
             "num_per_prompt": config.eval.num_per_prompt, "real_split": config.eval.real_split,
