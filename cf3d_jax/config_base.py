@@ -20,8 +20,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0                                  # the one seed every random draw derives from
 
   c.space = ml_collections.ConfigDict()
-  c.space.name = "wavelet"                    # where diffusion runs: 'wavelet' (WDM)
-  c.space.lll_scale = 3.0                     # LLL subband divided by this before diffusion
+  c.space.name = "wavelet"                    # where diffusion runs: 'wavelet' (WDM) | 'latent' (MAISI)
+  c.space.lll_scale = 3.0                     # wavelet: LLL subband divided by this before diffusion
+  c.space.autoencoder = ""                    # latent: VAE folder (convert maisi-vae / train_autoencoder); '' = WORKDIR/autoencoder/vae
+  c.space.latent_channels = 4                 # latent: VAE latent channels (checked against the VAE)
+  c.space.downsample = 4                      # latent: VAE downsampling per axis (checked against the VAE)
+  c.space.scale_factor = 0.0                  # latent: z = latent × this; 0 = 1/std recorded by prepare_latents
+  c.space.decode_splits = 1                   # latent: decode in this many depth chunks (memory; GroupNorm per chunk)
+  c.space.encode_batch_size = 4               # latent: volumes per encoder call in prepare_latents
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "ms"                       # 'ms' (lesion load classes) | 'adni' (CN/MCI/AD)
@@ -79,6 +85,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_levels = ()
   c.model.middle_remat = "none"               # the same for the middle blocks
 
+  # --mode=train_autoencoder (cf3d_jax/autoencoder_train.py): MAISI's KL-VAE, DESIGN.md §4.
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.channels = (64, 128, 256)     # AutoencoderKL widths per level (MAISI); ×2**(levels-1) downsampling
+  c.autoencoder.num_res_blocks = (2, 2, 2)    # residual blocks per level
+  c.autoencoder.latent_channels = 4           # latent channels (= space.latent_channels for latent diffusion)
+  c.autoencoder.norm_num_groups = 32          # GroupNorm groups (must divide every width)
+  c.autoencoder.remat = False                 # rematerialise the ResBlocks in the backward pass (memory)
+  c.autoencoder.conv_impl = "xla"             # "xla" | "im2col" (faster on CPU; same params)
+  c.autoencoder.num_steps = 100_000           # optimisation steps
+  c.autoencoder.batch_size = 1                # patches per step (MAISI: 1)
+  c.autoencoder.learning_rate = 1e-4          # Adam, generator and discriminator alike (MAISI)
+  c.autoencoder.kl_weight = 1e-7              # × KL(q(z|x) ‖ N(0, I)) (MAISI)
+  # Perceptual term: MAISI's squeeze-net LPIPS weights cannot be downloaded here, so we use
+  # MedicalNet 3D ResNet features (normalised differences of its four stages) instead.
+  c.autoencoder.perceptual_weight = 0.3       # × perceptual distance (MAISI's weight)
+  c.autoencoder.perceptual_network = ""       # converted MedicalNet folder (convert medicalnet); "" = term off
+  c.autoencoder.adversarial_weight = 0.1      # × least-squares GAN losses, generator and discriminator (MAISI)
+  c.autoencoder.adversarial_warmup_steps = 10_000  # steps before the discriminator and its loss switch on
+  c.autoencoder.disc_channels = 32            # PatchDiscriminator channels of the first layer (MAISI)
+  c.autoencoder.disc_layers = 3               # PatchDiscriminator layers after the first conv (MAISI)
+  c.autoencoder.patch_shape = (64, 64, 64)    # random training crop (D, H, W); () = the whole volume
+  c.autoencoder.ema_decay = 0.0               # EMA of the VAE params, exported when > 0; 0 = no EMA
+  c.autoencoder.log_every = 100               # steps between logged train metrics
+  c.autoencoder.checkpoint_every = 5000       # steps between checkpoints
+  c.autoencoder.max_to_keep = 3               # checkpoints kept
+  c.autoencoder.eval_batches = 4              # val batches (× batch_size volumes) for metrics.json; 0 = all
+  c.autoencoder.eval_shape = ()               # val metrics on this centre crop; () = the whole volume
+
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "ddpm"                   # 'ddpm' (WDM, MAISI Linear) | 'rflow' (MAISI RFlow)
   c.objective.num_train_steps = 1000          # T (both: rflow times are continuous in [0, T])
@@ -113,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.checkpoint_every = 5000
   c.train.max_to_keep = 3
+  c.train.init_from = ""                      # converted U-Net folder (convert wdm-unet) to start from; new attention / extra middle blocks keep their (identity) init
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ("Subject has minimal lesion load.", "Subject has moderate lesion load.",
@@ -239,6 +274,16 @@ def _check(cond: bool, key: str, value, expected: str) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the key for values outside what the code supports."""
   _check(c.data.dataset in ("ms", "adni"), "data.dataset", c.data.dataset, "'ms' or 'adni'")
+  _check(c.space.name in ("wavelet", "latent"), "space.name", c.space.name,
+         "'wavelet' or 'latent'")
+  if c.space.name == "latent":
+    _check(c.space.scale_factor >= 0, "space.scale_factor", c.space.scale_factor,
+           ">= 0 (0 = recorded by prepare_latents)")
+    _check(c.space.decode_splits >= 1, "space.decode_splits", c.space.decode_splits, ">= 1")
+    _check(c.space.encode_batch_size >= 1, "space.encode_batch_size",
+           c.space.encode_batch_size, ">= 1")
+    _check(c.model.out_channels == c.space.latent_channels, "model.out_channels",
+           c.model.out_channels, f"= space.latent_channels ({c.space.latent_channels})")
   _check(c.data.source in ("phantom", "manifest"), "data.source", c.data.source,
          "'phantom' or 'manifest'")
   _check(c.data.source != "manifest" or bool(c.data.manifest), "data.manifest", c.data.manifest,
@@ -286,3 +331,39 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for key, values in (("model.remat_levels", remat),
                       ("model.middle_remat", (c.model.get("middle_remat", "none"),))):
     _check(all(v in policies for v in values), key, values, f"entries among {policies}")
+  _validate_autoencoder(c)
+
+
+# ---- config.autoencoder (--mode=train_autoencoder); checks against config.data.shape run in
+# ---- autoencoder_train.check_config, so other modes never fail on the autoencoder's patch size.
+def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
+  """The `config.autoencoder` keys on their own (ConfigError naming the key)."""
+  if "autoencoder" not in c:
+    return
+  a = c.autoencoder
+  groups = a.norm_num_groups
+  _check(groups > 0, "autoencoder.norm_num_groups", groups, "> 0")
+  _check(len(a.channels) >= 1 and all(int(ch) > 0 and int(ch) % groups == 0 for ch in a.channels),
+         "autoencoder.channels", a.channels,
+         f"at least one width, each a positive multiple of norm_num_groups={groups}")
+  _check(len(a.num_res_blocks) == len(a.channels) and all(b >= 0 for b in a.num_res_blocks),
+         "autoencoder.num_res_blocks", a.num_res_blocks,
+         f"one count >= 0 per level of autoencoder.channels ({len(a.channels)})")
+  _check(a.latent_channels > 0, "autoencoder.latent_channels", a.latent_channels, "> 0")
+  _check(a.conv_impl in ("xla", "im2col"), "autoencoder.conv_impl", a.conv_impl,
+         "'xla' or 'im2col'")
+  for key in ("num_steps", "batch_size", "disc_channels", "disc_layers", "log_every",
+              "checkpoint_every", "max_to_keep"):
+    _check(a[key] > 0, f"autoencoder.{key}", a[key], "> 0")
+  _check(a.learning_rate > 0, "autoencoder.learning_rate", a.learning_rate, "> 0")
+  for key in ("kl_weight", "perceptual_weight", "adversarial_weight",
+              "adversarial_warmup_steps", "eval_batches"):
+    _check(a[key] >= 0, f"autoencoder.{key}", a[key], ">= 0")
+  _check(0.0 <= a.ema_decay < 1.0, "autoencoder.ema_decay", a.ema_decay, "in [0, 1) (0 = no EMA)")
+  factor = 2 ** (len(a.channels) - 1)
+  for key in ("patch_shape", "eval_shape"):
+    shape = tuple(a[key])
+    _check(not shape or (len(shape) == 3 and all(int(s) > 0 and int(s) % factor == 0
+                                                 for s in shape)),
+           f"autoencoder.{key}", shape,
+           f"() or three positive sides divisible by {factor} = 2**(len(autoencoder.channels) - 1)")

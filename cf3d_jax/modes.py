@@ -1,17 +1,44 @@
-"""What each `--mode` runs; importable without the CLI's absl flags (tests, notebooks)."""
+"""What each `--mode` runs; importable without the CLI's absl flags (tests, notebooks).
+
+`all` runs the whole job for the config's space: prepare → train → sample for the wavelet space;
+for the latent space prepare → train_autoencoder (only when `config.space.autoencoder` is empty
+and `WORKDIR/autoencoder/vae` does not exist yet) → prepare_latents → train → sample.
+"""
 
 from __future__ import annotations
 
-MODES = ("prepare", "train", "sample", "all", "train_classifier", "evaluate")
+import os
+
+MODES = ("prepare", "train_autoencoder", "prepare_latents", "train", "sample", "all",
+         "train_classifier", "evaluate")
+
+
+def _needs_autoencoder_training(config, workdir: str) -> bool:
+  from cf3d_jax import spaces
+  return (config.space.name == "latent" and not config.space.autoencoder
+          and not os.path.isdir(spaces.autoencoder_path(config.space, workdir)))
 
 
 def run(config, workdir: str, mode: str, on_error: str = "fail") -> None:
   """Dispatches one mode (importing heavy modules only when needed)."""
   from cf3d_jax import config_base
+  from cf3d_jax.errors import ConfigError
   config_base.validate(config)
+  if mode not in MODES:
+    raise ConfigError(f"--mode={mode!r}: expected one of {MODES}")
+  latent = config.space.name == "latent"
   if mode in ("prepare", "all"):
     from cf3d_jax.data.prepare import prepare
     prepare(config, workdir, on_error)
+  if mode == "train_autoencoder" or (mode == "all" and _needs_autoencoder_training(config,
+                                                                                   workdir)):
+    from cf3d_jax.autoencoder_train import train_autoencoder
+    train_autoencoder(config, workdir)
+  if mode == "prepare_latents" or (mode == "all" and latent):
+    if not latent:
+      raise ConfigError("--mode=prepare_latents needs config.space.name='latent'")
+    from cf3d_jax.data.latents import prepare_latents
+    prepare_latents(config, workdir)
   if mode in ("train", "all"):
     from cf3d_jax.train import train_and_evaluate
     train_and_evaluate(config, workdir)

@@ -68,16 +68,20 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]`.
 
   deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
+  The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
   """
 
-  def run(params, z_start, emb, mask, key):
+  def run(params, space_params, z_start, emb, mask, key):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
+    sp = space.with_params(space_params)
     fn = guided(model_fn, scale, jnp.asarray(null_emb), jnp.asarray(null_mask))
-    return space.decode(sample_loop(objective, fn, z_start, emb, mask, key, space.clip_x0,
-                                    deterministic=deterministic, depth=depth))
+    return sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
+                                 deterministic=deterministic, depth=depth))
 
-  return jax.jit(run)
+  jitted = jax.jit(run)
+  return lambda params, z_start, emb, mask, key: jitted(params, space.params, z_start, emb,
+                                                        mask, key)
 
 
 def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0):
@@ -86,12 +90,14 @@ def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0
   The conditional model (no guidance) drives the inversion.
   """
 
-  def run(params, x, emb, mask):
+  def run(params, space_params, x, emb, mask):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
-    return invert_loop(objective, model_fn, space.encode(x), emb, mask, refine_iters, depth)
+    z0 = space.with_params(space_params).encode(x)
+    return invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth)
 
-  return jax.jit(run)
+  jitted = jax.jit(run)
+  return lambda params, x, emb, mask: jitted(params, space.params, x, emb, mask)
 
 
 def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> None:
@@ -139,7 +145,7 @@ def _restore(config, workdir: str) -> dict:
   null_emb, null_mask = table.lookup([prompt_lib.NULL_PROMPT])
   reference = (phantoms.load_reference(paths["reference"])
                if os.path.exists(paths["reference"]) else None)
-  model, objective, space = build_components(config)
+  model, objective, space = build_components(config, workdir, load_autoencoder=True)
   mngr = checkpoint_manager(workdir, config.train)
   state = restore_state(mngr, abstract_state(model, make_optimizer(config.train), config,
                                              table.embeddings.shape[1:]),

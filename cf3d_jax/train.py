@@ -34,6 +34,7 @@ from cf3d_jax.errors import Cf3dError, DataError
 from cf3d_jax.models import unet as unet_lib
 from cf3d_jax.objectives import make_objective
 from cf3d_jax.spaces import make_space, placed
+from cf3d_jax.spaces import records_dir as records_dir_for
 from cf3d_jax.text.table import load_table
 
 State = dict[str, Any]
@@ -63,7 +64,8 @@ def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *
                objective, space, ema_decay: float, mesh=None,
                rules: parallel.Rules = parallel.DEFAULT_RULES
                ) -> tuple[State, dict[str, jax.Array]]:
-  """One optimisation step. batch: volume `[B, D, H, W, 1]`, text_emb `[B, L, E]`, text_mask.
+  """One optimisation step. batch: volume `[B, *space.record_shape]` (images `[B, D, H, W, 1]`,
+  or unscaled latents for the latent space), text_emb `[B, L, E]`, text_mask `[B, L]`.
 
   With `mesh`, the batch mean of the per-example loss is an explicit psum of per-device sums
   (`parallel.global_mean`); trace it inside `parallel.activation_context(mesh, rules)` so the
@@ -71,7 +73,7 @@ def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *
   """
   key = jax.random.fold_in(base_key, state["step"])
   k_time, k_noise, k_drop = jax.random.split(key, 3)
-  z0 = space.encode(batch["volume"])
+  z0 = space.from_records(batch["volume"])
   t = objective.sample_time(k_time, z0.shape[0])
   noise = jax.random.normal(k_noise, z0.shape, z0.dtype)
   z_t = objective.corrupt(z0, noise, t)
@@ -89,6 +91,25 @@ def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
   new_state = {"params": params, "ema": ema, "opt_state": opt_state, "step": state["step"] + 1}
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def params_from_pretrained(params, path: str):
+  """`params` (a fresh init) with every param of the converted U-Net at `path` (`python -m
+  cf3d_jax.convert wdm-unet`) copied in. Layers the pretrained model lacks keep their init,
+  which leaves the function unchanged: attention layers (zero output projection) and middle
+  blocks beyond its count (a fresh ResBlock is the identity). Anything else that does not match
+  is a DataError naming `path`."""
+  from cf3d_jax import convert
+  from cf3d_jax.convert import wdm_unet
+  _, pretrained = convert.load_converted(path)
+  have = set(pretrained)
+
+  def allow_new(p: str) -> bool:
+    top = p.split("/")[0]
+    return wdm_unet.is_attention_param(p) or (top.startswith("middle_block_")
+                                              and top not in have)
+
+  return wdm_unet.merge_pretrained(params, pretrained, source=path, allow_new=allow_new)
 
 
 def checkpoint_manager(workdir: str, train_config) -> ocp.CheckpointManager:
@@ -110,9 +131,10 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: State, step: int 
   return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
-def build_components(config):
-  """(model, objective, space) named by the config."""
-  space = make_space(config.space)
+def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
+  """(model, objective, space) named by the config; `workdir` and `load_autoencoder` are passed
+  to `spaces.make_space` (the latent space's recorded scale factor and its VAE)."""
+  space = make_space(config.space, workdir, load_autoencoder=load_autoencoder)
   objective = make_objective(config.objective, space.latent_shape(tuple(config.data.shape)))
   return unet_lib.build_unet(config.model), objective, space
 
@@ -184,22 +206,22 @@ def make_host_batches(data_iter, config, mesh, rules, per_host: bool):
     yield parallel.put_batch(host, mesh, rules, global_rows=not per_host)
 
 
-def _make_dataset(paths, index, table, config, mesh, rules) -> tuple[Any, bool]:
+def _make_dataset(records_dir: str, index, table, config, mesh, rules) -> tuple[Any, bool]:
   """(train stream, whether it is per-host). Per-host when the pipeline shards by process and
   the batch layout gives each process one contiguous block of rows in process order (else
   every host reads the global stream and keeps its rows)."""
   n = jax.process_count()
   b = config.train.batch_size
-  volume = (b,) + tuple(config.data.shape) + (1,)
+  volume = (b,) + make_space(config.space).record_shape(tuple(config.data.shape))
   sharding = parallel.NamedSharding(mesh, parallel.batch_spec(volume, mesh, rules))
   rows = parallel.host_rows(sharding, volume)
   blocked = b % n == 0 and rows == slice(jax.process_index() * (b // n),
                                          (jax.process_index() + 1) * (b // n))
   if "shard_index" not in inspect.signature(pipeline.make_train_dataset).parameters:
-    return pipeline.make_train_dataset(paths["records"], index, table, config), False
+    return pipeline.make_train_dataset(records_dir, index, table, config), False
   per_host = n > 1 and blocked
   shard = (jax.process_index(), n) if per_host else (0, 1)
-  return pipeline.make_train_dataset(paths["records"], index, table, config,
+  return pipeline.make_train_dataset(records_dir, index, table, config,
                                      shard_index=shard[0], shard_count=shard[1]), per_host
 
 
@@ -216,14 +238,15 @@ def train_and_evaluate(config, workdir: str) -> State:
   parallel.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
   parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
   paths = data_paths(workdir)
-  index = records.load_index(paths["records"])
+  records_dir = records_dir_for(config, workdir)
+  index = records.load_index(records_dir)
   table = load_table(paths["table"])
   logging.info("process %d of %d; mesh %s over %d devices; rules %s", jax.process_index(),
                jax.process_count(), dict(mesh.shape), mesh.devices.size, rules)
-  dataset, per_host = _make_dataset(paths, index, table, config, mesh, rules)
+  dataset, per_host = _make_dataset(records_dir, index, table, config, mesh, rules)
   data_iter = iter(dataset)
   # ---- model, objective, optimizer ---------------------------------------------------------
-  model, objective, space = build_components(config)
+  model, objective, space = build_components(config, workdir)
   tx = make_optimizer(config.train)
   base_key = jax.random.key(config.seed)
   init_key, step_key = jax.random.split(base_key)
@@ -232,7 +255,7 @@ def train_and_evaluate(config, workdir: str) -> State:
   # ---- sharding: params, EMA and Adam moments FSDP-style, the batch over data × fsdp -------
   abstract = abstract_state(model, tx, config, text_shape, mesh)
   state_sh = jax.tree.map(lambda a: a.sharding, abstract)
-  volume_shape = (config.train.batch_size,) + tuple(config.data.shape) + (1,)
+  volume_shape = (config.train.batch_size,) + space.record_shape(tuple(config.data.shape))
   batch_sh = parallel.batch_shardings(
       {"volume": volume_shape, "text_emb": (config.train.batch_size,) + tuple(text_shape),
        "text_mask": (config.train.batch_size, text_shape[0]),
@@ -241,8 +264,12 @@ def train_and_evaluate(config, workdir: str) -> State:
                     out_shardings=state_sh)
   state = init_fn.lower(init_key).compile(
       compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(init_key)
-  # ---- resume ------------------------------------------------------------------------------
+  # ---- resume, or start from a pretrained U-Net ---------------------------------------------
   mngr = checkpoint_manager(workdir, config.train)
+  if mngr.latest_step() is None and config.train.init_from:
+    params = params_from_pretrained(state["params"], config.train.init_from)
+    state = {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
+    logging.info("initialised from %s", config.train.init_from)
   if mngr.latest_step() is not None:
     state = restore_state(mngr, abstract, data_iterator=data_iter)
     logging.info("resumed from step %d", int(state["step"]))

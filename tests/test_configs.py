@@ -18,7 +18,8 @@ def load_config(name, arg):
 CONFIGS = [(name, arg) for name in sorted(os.listdir(os.path.join(ROOT, "configs")))
            if name.endswith(".py") for arg in (None,)]
 CONFIGS += [("demo.py", "smoke"), ("demo.py", "adni"), ("demo.py", "smoke,adni"),
-            ("wdm_ms.py", "res256"), ("wdm_adni.py", "res256")]
+            ("wdm_ms.py", "res256"), ("wdm_adni.py", "res256"), ("maisi_rflow_ms.py", "res128"),
+            ("maisi_linear_adni.py", "res128")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -27,7 +28,27 @@ def test_config_validates_and_builds_its_objective(name, arg):
   config_base.validate(c)
   _, objective, space = train.build_components(c)
   assert len(objective.timesteps()) == objective.num_sample_steps
-  assert space.latent_shape(tuple(c.data.shape))[:3] == tuple(s // 2 for s in c.data.shape)
+  factor = 2 if c.space.name == "wavelet" else c.space.downsample
+  latent = space.latent_shape(tuple(c.data.shape))
+  assert latent[:3] == tuple(s // factor for s in c.data.shape)
+  assert latent[3] == c.model.out_channels
+
+
+@pytest.mark.parametrize("dataset", ["ms", "adni"])
+def test_maisi_configs_are_the_paper_setting(dataset):
+  rf = load_config(f"maisi_rflow_{dataset}.py", None)
+  lin = load_config(f"maisi_linear_{dataset}.py", None)
+  for c in (rf, lin):
+    assert c.space.name == "latent" and tuple(c.data.shape) == (256, 256, 256)
+    assert c.data.dataset == dataset and c.train.batch_size == 1
+    assert tuple(c.model.channel_mult) == (1, 2, 4, 8) and c.model.base_channels == 64
+    assert c.model.cross_attention_levels[0]          # text at the highest resolution
+  obj = train.build_components(rf)[1]
+  assert isinstance(obj, rflow.RectifiedFlow) and obj.num_sample_steps == 30
+  assert obj.ratio == pytest.approx(2.0)              # 64³ latents: (64³ / 32³)^(1/3)
+  obj = train.build_components(lin)[1]
+  assert isinstance(obj, ddpm.DDPM) and obj.num_sample_steps == 1000 and obj.prediction == "eps"
+  assert obj.betas[-1] == pytest.approx(0.0195)
 
 
 def test_wdm_configs_are_the_paper_setting():

@@ -258,7 +258,7 @@ def test_load_torch_state_dict_errors(tmp_path, monkeypatch):
 def test_load_converted_and_registry_errors(tmp_path):
   with pytest.raises(DataError, match='config.json is missing'):
     convert.load_converted(tmp_path)
-  with pytest.raises(ConfigError, match=r"unknown converter 'wdm'; known: \['maisi-vae', 'medicalnet'\]"):
+  with pytest.raises(ConfigError, match=r"unknown converter 'wdm'; known: \['maisi-vae', 'medicalnet', 'wdm-unet'\]"):
     convert.get_converter('wdm')
   (tmp_path / 'config.json').write_text(json.dumps({'format': 'other'}))
   with pytest.raises(DataError, match="format 'other'"):

@@ -59,3 +59,41 @@ def test_resume_after_kill_continues_exactly(workdir_with_data, smoke_config):
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.isdir(os.path.join(workdir_with_data, "tensorboard"))
+
+
+def test_init_from_a_converted_text_free_unet(workdir_with_data, smoke_config, tmp_path):
+  """config.train.init_from: a text-free U-Net (as `convert wdm-unet` writes) fills every param
+  it has; the new cross-attention and the extra middle block keep their identity init, so the
+  text model starts as the pretrained function (checked through one step at learning rate 0)."""
+  from cf3d_jax import convert
+  from cf3d_jax.convert import wdm_unet
+  from cf3d_jax.errors import DataError
+  from cf3d_jax.models import unet
+  c = smoke_config
+  c.model.num_middle_blocks = 2
+  m = c.model
+  pre_config = dict(in_channels=8, out_channels=8, base_channels=m.base_channels,
+                    channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+                    num_middle_blocks=1, num_groups=m.num_groups, text_dim=0)
+  pre_model = wdm_unet.build_model(pre_config)
+  pre = unet.init_params(pre_model, jax.random.key(7), (8, 8, 8, 8))
+  pre = jax.tree.map(lambda x: x + 0.01, pre)          # no zero output convs: a real function
+  folder = str(tmp_path / "pretrained")
+  convert.save_converted(folder, pre, "wdm-unet", pre_config)
+  c.train.init_from = folder
+  c.train.num_steps = 1
+  c.train.learning_rate = 0.0
+  c.train.warmup_steps = 0
+  state = train.train_and_evaluate(c, workdir_with_data)
+  model = unet.build_unet(c.model)
+  z = jax.random.normal(jax.random.key(3), (2, 8, 8, 8, 8))
+  t = jnp.array([10, 500])
+  emb = jax.random.normal(jax.random.key(4), (2, 3, 384))
+  mask = jnp.ones((2, 3), bool)
+  want = pre_model.apply({"params": pre}, z, t, None, None, train=False)
+  got = model.apply({"params": state["params"]}, z, t, emb, mask, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  c.model.num_res_blocks = 2                            # an architecture the folder does not fit
+  with pytest.raises(DataError, match="pretrained"):
+    train.params_from_pretrained(unet.init_params(unet.build_unet(c.model), jax.random.key(0),
+                                                  (8, 8, 8, 8), (3, 384)), folder)

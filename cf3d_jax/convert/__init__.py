@@ -43,6 +43,7 @@ PARAMS_NAME = 'params'
 CONVERTERS: dict[str, str] = {
     'maisi-vae': 'cf3d_jax.convert.maisi_vae',
     'medicalnet': 'cf3d_jax.convert.medicalnet',
+    'wdm-unet': 'cf3d_jax.convert.wdm_unet',
 }
 
 TORCH_SUFFIXES = ('.pt', '.pth', '.bin', '.ckpt')

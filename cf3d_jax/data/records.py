@@ -5,6 +5,8 @@ A record is a flat dict of NumPy arrays (strings as 0-d unicode arrays) serializ
   volume `[D, H, W, 1]` float32 in [-1, 1]; affine `[4, 4]` float64 (RAS, of the processed grid);
   subject_id str; label int (class index); clinical_value float (lesion mL or diagnosis code);
   lesion_mask `[D, H, W]` uint8 (phantoms only).
+Latent datasets (`prepare_latents`, `data/latents/`) keep the same fields but `volume` holds the
+VAE latent `[D/f, H/f, W/f, C_lat]` float32 (unscaled; the scale factor is in the meta).
 A dataset folder holds `shard-XXXXX.array_record` files and `dataset.json`, which lists every
 record (subject_id, label, clinical_value, shard, position), the grid metadata and what was skipped.
 """
@@ -16,7 +18,7 @@ import json
 import os
 import struct
 import zipfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -83,11 +85,13 @@ def shard_name(i: int) -> str:
 
 
 def write_dataset(folder: str, records: Iterable[Mapping[str, Any]], records_per_shard: int,
-                  meta: Mapping[str, Any], skipped: list | None = None) -> dict:
+                  meta: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+                  skipped: list | None = None) -> dict:
   """Writes records into ArrayRecord shards plus `dataset.json`, atomically as a whole folder.
 
   `records` yields dicts with at least subject_id, label, clinical_value; `skipped` (filled by
-  the producer while it is consumed) is stored in the index. Returns the index.
+  the producer while it is consumed) is stored in the index. `meta` may be a function, called
+  once every record is written (for statistics gathered while writing). Returns the index.
   """
   entries = []
   with atomic_dir(folder) as tmp:
@@ -107,6 +111,7 @@ def write_dataset(folder: str, records: Iterable[Mapping[str, Any]], records_per
     if not entries:
       raise DataError(f"{folder}: no records to write (every input was skipped or none given)")
     num_shards = -(-len(entries) // records_per_shard)
+    meta = meta() if callable(meta) else meta
     index = {"meta": dict(meta), "records": entries,
              "shards": [shard_name(s) for s in range(num_shards)], "skipped": skipped or []}
     write_text(os.path.join(tmp, INDEX_NAME), json.dumps(index, indent=1))
