@@ -87,6 +87,22 @@ def _gib(n: float) -> float:
   return round(float(n) / 2 ** 30, 3)
 
 
+def peak_bytes(compiled) -> int:
+  """Bytes one device needs to run `compiled` (a `jax.stages.Compiled`), from XLA's
+  `memory_analysis()`: arguments + outputs + temporaries − aliased (donated) buffers."""
+  mem = compiled.memory_analysis()
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
+def compiled_flops(compiled) -> float:
+  """XLA's FLOP count of one run of `compiled` per device (`cost_analysis()['flops']`; nan
+  when the backend reports none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
+
+
 def compile_train_step(config, devices: Sequence[Any], mesh_shape: Sequence[int],
                        text_shape: tuple[int, int]):
   """Lowers and compiles the jitted train step of `config` on a mesh over `devices` with
@@ -129,17 +145,14 @@ def measure(name: str, config, topology: str, mesh_shape: Sequence[int],
   compiled = compile_train_step(config, devices, mesh_shape, text_shape)
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-           - mem.alias_size_in_bytes)
+  total = peak_bytes(compiled)
   return MemoryResult(
       config=name, topology=topology,
       mesh=parallel.mesh_shape(mesh_shape, len(devices)), batch=config.train.batch_size,
       image=tuple(config.data.shape), dtype=config.model.dtype, remat=remat, rules=rules_name,
       per_device_gib=_gib(total), arguments_gib=_gib(mem.argument_size_in_bytes),
       temporaries_gib=_gib(mem.temp_size_in_bytes),
-      flops_per_device=float((cost or {}).get("flops", float("nan"))),
+      flops_per_device=compiled_flops(compiled),
       compile_s=round(compile_s, 1))
 
 

@@ -286,3 +286,24 @@ def test_unet_im2col_equals_xla_with_the_same_params():
   args = (x, jnp.array([3.0, 700.0]), jnp.ones((2, 1, 4)), jnp.ones((2, 1), bool))
   np.testing.assert_allclose(fast.apply({'params': params}, *args),
                              ref.apply({'params': params}, *args), rtol=1e-4, atol=1e-4)
+
+
+def test_remat_levels_give_the_same_outputs_and_gradients(text_model):
+  """remat 'full' / 'dots' per level and in the middle: same params, outputs and gradients."""
+  model, params, _ = text_model
+  params = _perturbed(params)
+  x, t, text, mask = _inputs()
+
+  def loss_and_grad(m):
+    def loss(p):
+      return jnp.mean(jnp.square(m.apply({'params': p}, x, t, text, mask)))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  ref_loss, ref_grad = loss_and_grad(model)
+  remat = model.clone(remat_levels=('full', 'dots'), middle_remat='full')
+  assert jax.tree.structure(abstract_params(remat, X_SHAPE, TEXT_SHAPE)) == \
+      jax.tree.structure(params)
+  got_loss, got_grad = loss_and_grad(remat)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
