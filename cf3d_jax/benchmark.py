@@ -1,4 +1,4 @@
-"""Speed measurements: `python -m cf3d_jax.benchmark --config=configs/demo.py --what=train,sample`.
+"""Speed: `python -m cf3d_jax.benchmark --config=configs/demo.py --what=train,sample,wavelets,conv`.
 
 Prints one table per benchmark and writes JSON (`--output`, default `benchmark.json`):
 `{"device", "platform", "cpu", "jax", "rows": [{"bench": NAME, ...}, ...]}`. Timings are the
@@ -15,7 +15,9 @@ median of `--repeats` runs after compilation and one warm-up run, each ended by
             flops_per_s (achieved: flops_per_step / median time), peak_flops_per_s (the device's
             peak for the model's dtype: `--peak_flops`, else `PEAK_FLOPS` for known accelerators,
             else empty), of_peak (flops_per_s / peak), peak_memory_mib (`memory_analysis()` of the
-            compiled step: arguments + outputs + temporaries − donated aliases).
+            compiled step: arguments + outputs + temporaries − donated aliases). XLA counts
+            a `lax.conv` without the taps that fall on zero padding, while im2col multiplies
+            them, so conv_impl rows differ in flops_per_step; compare formulations by time.
   sample    one counterfactual pair: the factual prompt (`sample.prompts[0]`) and one
             counterfactual (`sample.prompts[1]`) from the same noise, batch 2, with the config's
             sampler and steps, classifier-free guidance on (the first `sample.guidance_scales`
@@ -348,22 +350,31 @@ def bench_conv(config, repeats: int) -> list[dict]:
 
 # ---- the program ---------------------------------------------------------------------------
 
-def _memory(config, f) -> list[dict]:
-  del config   # the paper configs of --memory_configs
+def bench_memory(config, repeats: int, memory_configs: Sequence[str] = ("wdm128",),
+                 topology: str = "cpu", mesh: Sequence[int] = (-1, 1, 1),
+                 remat: Sequence[str] = ("none",), dtype: str = "bfloat16",
+                 rules: str = "default", memory_batch: int = 0) -> list[dict]:
+  """Per-device memory and FLOPs of the compiled train step of the paper configs
+  (`cf3d_jax.memory.bench_memory`); no timing, and not the `--config`."""
+  del config, repeats
   from cf3d_jax import memory
-  return memory.bench_memory(f.memory_configs, f.topology, [int(s) for s in f.mesh], f.remat,
-                             f.dtype, f.rules, f.memory_batch)
+  return memory.bench_memory(memory_configs, topology, [int(s) for s in mesh], remat, dtype,
+                             rules, memory_batch)
 
 
-# name → fn(config, parsed flags) → rows
-BENCHES = {
-    "train": lambda config, f: bench_train(config, f.repeats, f.conv_impls, f.peak_flops),
-    "sample": lambda config, f: bench_sample(config, f.repeats),
-    "wavelets": lambda config, f: bench_wavelets(config, f.repeats),
-    "conv": lambda config, f: bench_conv(config, f.repeats),
-    "data": lambda config, f: data_bench.bench_data(config, f.repeats),
-    "memory": _memory,
-}
+# name → fn(config, repeats, **options); the options come from flags (`_options`).
+BENCHES = {"train": bench_train, "sample": bench_sample, "wavelets": bench_wavelets,
+           "conv": bench_conv, "data": data_bench.bench_data, "memory": bench_memory}
+
+
+def _options(what: str, f) -> dict:
+  """The keyword arguments of benchmark `what` from the parsed flags `f`."""
+  if what == "train":
+    return {"conv_impls": f.conv_impls, "peak_flops": f.peak_flops}
+  if what == "memory":
+    return {"memory_configs": f.memory_configs, "topology": f.topology, "mesh": f.mesh,
+            "remat": f.remat, "dtype": f.dtype, "rules": f.rules, "memory_batch": f.memory_batch}
+  return {}
 
 
 def _cell(v) -> str:
@@ -425,7 +436,7 @@ def main(argv):
     raise app.UsageError(f"--what: unknown {sorted(unknown)}; known {sorted(BENCHES)}")
   rows = []
   for what in f.what:
-    rows += BENCHES[what](f.config, f)
+    rows += BENCHES[what](f.config, f.repeats, **_options(what, f))
   print_table(rows)
   result = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
             "cpu": platform.processor() or platform.machine(), "jax": jax.__version__,

@@ -251,6 +251,16 @@ def apply_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.
   return c
 
 
+def parse_variants(arg: str | None, known: tuple[str, ...], config_file: str) -> list[str]:
+  """The comma-separated variants of a `get_config(arg)`; ValueError naming the file for an
+  unknown one."""
+  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  unknown = sorted(set(variants) - set(known))
+  if unknown:
+    raise ValueError(f"{config_file}: unknown variant(s) {unknown}; known: {known}")
+  return variants
+
+
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Loads a config file's `get_config(arg)` as `--config=PATH:ARG` would (unlocked): for
   notebooks and tests."""

@@ -27,11 +27,13 @@ from cf3d_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The paper's configurations (config file, get_config argument). MAISI's latent U-Net joins
-# when its config lands.
+# The paper's configurations (config file, get_config argument). The MAISI rows compile the
+# latent U-Net's train step on prepared latents (the VAE is not in the step).
 PAPER_CONFIGS = {
     "wdm128": ("configs/wdm_ms.py", None),
     "wdm256": ("configs/wdm_ms.py", "res256"),
+    "maisi128": ("configs/maisi_rflow_ms.py", "res128"),
+    "maisi256": ("configs/maisi_rflow_ms.py", None),
 }
 
 # Named rule sets for `--rules`. 'default' = config.mesh.rules. 'spatial_hw' splits volumes along
@@ -116,7 +118,8 @@ def compile_train_step(config, devices: Sequence[Any], mesh_shape: Sequence[int]
   abstract = train.abstract_state(model, tx, config, text_shape, mesh)
   state_sh = jax.tree.map(lambda a: a.sharding, abstract)
   b = config.train.batch_size
-  shapes = {"volume": (b,) + tuple(config.data.shape) + (1,), "text_emb": (b,) + text_shape,
+  shapes = {"volume": (b,) + space.record_shape(tuple(config.data.shape)),
+            "text_emb": (b,) + text_shape,
             "text_mask": (b, text_shape[0]), "label": (b,)}
   dtypes = {"volume": np.float32, "text_emb": np.float32, "text_mask": np.bool_,
             "label": np.int32}

@@ -22,17 +22,13 @@ Variants (comma-separated get_config arg):
   smoke   16³, a few steps (tests)
 """
 
-from cf3d_jax.config_base import base_config
+from cf3d_jax.config_base import base_config, parse_variants
 
 VARIANTS = ("res128", "patch128", "demo", "smoke")
 
 
 def get_config(arg: str | None = None):
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"configs/autoencoder_ms.py: unknown variant(s) {unknown}; known: "
-                     f"{VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "configs/autoencoder_ms.py")
   config = base_config()
   config.data.shape = (256, 256, 256)       # the images of configs/maisi_*_ms.py
   a = config.autoencoder                    # MAISI architecture and loss weights (base defaults)

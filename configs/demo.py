@@ -9,16 +9,13 @@ MAISI-RFlow objective instead of WDM's DDPM, one override: --config.objective.na
 Real-subject counterfactuals from a trained demo: --mode=sample --config.sample.source=scan.nii.gz
 """
 
-from cf3d_jax.config_base import apply_dataset, base_config
+from cf3d_jax.config_base import apply_dataset, base_config, parse_variants
 
 VARIANTS = ("smoke", "adni")
 
 
 def get_config(arg: str | None = None):
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"configs/demo.py: unknown variant(s) {unknown}; known: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "configs/demo.py")
   config = base_config()
   config.data.shape = (32, 32, 32)          # 6 mm voxels → 16³ × 8 wavelet subbands
   config.data.num_subjects = 96

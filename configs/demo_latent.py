@@ -11,17 +11,14 @@ downsampling must match config.space). Variants: 'smoke' (tests), 'adni' (AD pha
 
 import os
 
-from cf3d_jax.config_base import apply_objective_preset, load_config_file
+from cf3d_jax.config_base import apply_objective_preset, load_config_file, parse_variants
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("smoke", "adni")
 
 
 def get_config(arg: str | None = None):
-  variants = [v.strip() for v in (arg or "").split(",") if v.strip()]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    raise ValueError(f"configs/demo_latent.py: unknown variant(s) {unknown}; known: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "configs/demo_latent.py")
   # Data, text and sampling of the WDM demo (32³ phantoms, 4 subjects × 3 prompts × w 1 and 3).
   config = load_config_file(os.path.join(HERE, "demo.py"), "adni" if "adni" in variants else None)
   # The VAE: configs/autoencoder_ms.py's demo (widths 16/32/32, 16³ patches, LSGAN after 300).

@@ -298,7 +298,7 @@ def test_wdm3d_128_parameter_count_and_keys():
   assert sum(math.prod(s) for s in torch_shapes.values()) == 57_914_824
   abstract = wdm_unet.abstract_params(wdm_unet.WDM_128)
   assert unet.count_params(abstract) == 57_914_824
-  expected = wdm_unet._expected(wdm_unet._flatten(abstract))
+  expected = wdm_unet._expected(convert.flatten_params(abstract))
   assert {k: wdm_unet._torch_shape(s) for k, (_, s) in expected.items()} == torch_shapes
   assert expected['output_blocks.11.1.in_layers.2.weight'][0] == (
       'output_blocks_11_up', 'in_conv', 'kernel')
@@ -332,9 +332,9 @@ def test_text_on_is_exactly_the_unconditional_model(small_torch, inputs, small_u
 def test_merge_pretrained_fills_a_sharded_init(small_unconditional, text_params):
   """merge_pretrained on a jax.Array init (as train creates it): every converted param is
   replaced, the attention params and the shardings are kept."""
-  flat = wdm_unet._flatten(text_params)
+  flat = convert.flatten_params(text_params)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  init = wdm_unet._unflatten({
+  init = convert.unflatten_params({
       p: jax.device_put(v if wdm_unet.is_attention_param('/'.join(p)) else np.zeros_like(v),
                         device) for p, v in flat.items()})
   merged = wdm_unet.merge_pretrained(init, small_unconditional[0])

@@ -219,3 +219,30 @@ if __name__ == "__main__":
     check_sharded_haar()
   if which in ("all", "train"):
     check_train_step_meshes()
+
+
+@pytest.mark.parametrize("topology,shape", [("v5e:4x4", (1, 4, 4)), ("v4:2x2x4", (2, 4, 4))])
+def test_tpu_mesh_follows_the_physical_torus(topology, shape):
+  """On TPU devices (AOT topology descriptions, no chip needed; skipped without libtpu) the
+  mesh is in physical order: consecutive devices along the last (spatial) axis are one
+  interconnect hop apart, and every device appears once."""
+  pytest.importorskip("libtpu")
+  from cf3d_jax import memory, parallel
+  devices = memory.topology_devices(topology)
+  mesh = parallel.make_mesh(shape, devices)
+  assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+  coords = np.array([[list(d.coords) for d in row]
+                     for row in mesh.devices.reshape(-1, mesh.devices.shape[-1])])
+  assert np.abs(np.diff(coords, axis=1)).sum(-1).max() <= 1
+
+
+def test_memory_plan_of_a_latent_step_on_this_cpu():
+  """`memory.measure` compiles the train step with abstract inputs (here the latent space's
+  record shape) and reports XLA's per-device bytes and FLOPs consistently."""
+  from cf3d_jax import config_base, memory
+  c = config_base.load_config_file(os.path.join(ROOT, "configs", "demo_latent.py"), "smoke")
+  r = memory.measure("demo_latent_smoke", c, "cpu", (-1, 1, 1), (4, 384), "full", "default")
+  assert r.batch == 2 and r.remat == "full" and c.model.remat_levels == ("full", "full")
+  assert r.per_device_gib >= r.arguments_gib > 0 and r.flops_per_device > 0
+  with pytest.raises(config_base.ConfigError, match="--rules"):
+    memory.measure("x", c, "cpu", (-1, 1, 1), (4, 384), "none", "no_such_rules")

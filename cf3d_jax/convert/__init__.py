@@ -32,8 +32,9 @@ import numpy as np
 from cf3d_jax import files
 from cf3d_jax.errors import ConfigError, DataError
 
-__all__ = ['CONVERTERS', 'FORMAT', 'Converter', 'get_converter', 'load_converted',
-           'load_torch_state_dict', 'save_converted', 'to_numpy', 'unwrap_state_dict']
+__all__ = ['CONVERTERS', 'FORMAT', 'Converter', 'flatten_params', 'get_converter',
+           'load_converted', 'load_torch_state_dict', 'save_converted', 'to_numpy',
+           'unflatten_params', 'unwrap_state_dict']
 
 FORMAT = 'cf3d_jax.convert/1'
 CONFIG_NAME = 'config.json'
@@ -71,6 +72,29 @@ class Converter:
   model_config: Callable[[argparse.Namespace], dict[str, Any]]
   convert: Callable[[Mapping[str, Any], Mapping[str, Any], str], Any]
   abstract_params: Callable[[Mapping[str, Any]], Any]
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+                   ) -> dict[tuple[str, ...], Any]:
+  """Nested param dict → {path tuple: leaf}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten_params(value, prefix + (str(key),)))
+    else:
+      out[prefix + (str(key),)] = value
+  return out
+
+
+def unflatten_params(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """Inverse of `flatten_params`."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
 
 
 def get_converter(name: str) -> Converter:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cf3d_jax.convert import Converter, to_numpy
+from cf3d_jax.convert import Converter, flatten_params, to_numpy, unflatten_params
 from cf3d_jax.errors import DataError
 from cf3d_jax.models import autoencoder
 
@@ -32,26 +32,6 @@ __all__ = ['CONVERTER', 'convert_maisi_vae_state_dict', 'expected_torch_keys']
 def _model(config: autoencoder.AutoencoderKL | Mapping[str, Any] | None
            ) -> autoencoder.AutoencoderKL:
   return autoencoder.build_autoencoder({} if config is None else config)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
 
 
 def _torch_module(path: tuple[str, ...]) -> str:
@@ -66,7 +46,7 @@ def _torch_module(path: tuple[str, ...]) -> str:
 def expected_torch_keys(model: autoencoder.AutoencoderKL
                         ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
   """torch key → (flax path, flax shape, is a conv kernel) for every param of `model`."""
-  flat = _flatten(autoencoder.abstract_params(model))
+  flat = flatten_params(autoencoder.abstract_params(model))
   out = {}
   for path, leaf in flat.items():
     module, name = path[:-1], path[-1]
@@ -150,7 +130,7 @@ def convert_maisi_vae_state_dict(
     if is_kernel:
       value = np.transpose(value, (2, 3, 4, 1, 0))
     flat[path] = np.ascontiguousarray(value, dtype=dtype)
-  return _unflatten(flat)
+  return unflatten_params(flat)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from cf3d_jax.convert import Converter, to_numpy
+from cf3d_jax.convert import Converter, flatten_params, to_numpy, unflatten_params
 from cf3d_jax.errors import ConfigError, DataError
 
 __all__ = ['CONVERTER', 'WDM_128', 'abstract_params', 'build_model', 'convert_wdm_unet_state_dict',
@@ -152,26 +152,6 @@ def torch_key(path: tuple[str, ...]) -> str | None:
   return '.'.join([prefix] + [_RESBLOCK[m] for m in inner] + [_LEAF[leaf]])
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, prefix + (str(key),)))
-    else:
-      out[prefix + (str(key),)] = value
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
-
-
 def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   """Flax kernel shape → torch weight shape (conv `[k,k,k,I,O]` → `[O,I,k,k,k]`, dense `.T`)."""
   if len(flax_shape) == 5:
@@ -194,7 +174,7 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
 def expected_torch_keys(config: Mapping[str, Any]
                         ) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
   """torch key → (flax path, flax shape) for every non-attention param of the model."""
-  return _expected(_flatten(abstract_params({**WDM_128, **config})))
+  return _expected(flatten_params(abstract_params({**WDM_128, **config})))
 
 
 def _expected(flat: Mapping[tuple[str, ...], Any]
@@ -253,7 +233,7 @@ def convert_wdm_unet_state_dict(state_dict: Mapping[str, Any],
   missing key, unexpected key and shape mismatch at once.
   """
   config = {**WDM_128, **(config or {})}
-  flat = _flatten(abstract_params(config))
+  flat = flatten_params(abstract_params(config))
   expected = _expected(flat)
   arrays = {k: to_numpy(v, k, source) for k, v in state_dict.items()}
   missing = sorted(k for k in expected if k not in arrays)
@@ -281,7 +261,7 @@ def convert_wdm_unet_state_dict(state_dict: Mapping[str, Any],
                  '--num-middle-blocks and --out-channels.'
                  + (f' The checkpoint has {described}.' if described else ''))
     raise DataError('\n'.join(lines))
-  converted = _unflatten({path: np.ascontiguousarray(_to_flax(arrays[k]), dtype=dtype)
+  converted = unflatten_params({path: np.ascontiguousarray(_to_flax(arrays[k]), dtype=dtype)
                           for k, (path, _) in expected.items()})
   if len(expected) == len(flat):  # no attention layers: nothing new to initialise
     return converted
@@ -313,8 +293,8 @@ def merge_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, An
   """
   import jax
 
-  init_flat = _flatten(init_params)
-  pre_flat = _flatten(pretrained)
+  init_flat = flatten_params(init_params)
+  pre_flat = flatten_params(pretrained)
   join = '/'.join
   unexpected = sorted(join(p) for p in pre_flat if p not in init_flat)
   mismatched = sorted(f'{join(p)}: pretrained {tuple(np.shape(v))}, target '
@@ -340,7 +320,7 @@ def merge_pretrained(init_params: Mapping[str, Any], pretrained: Mapping[str, An
       return jax.make_array_from_callback(host.shape, init.sharding, lambda idx: host[idx])
     return np.asarray(value, dtype=np.asarray(init).dtype)
 
-  return _unflatten({p: place(v, pre_flat[p]) if p in pre_flat else v
+  return unflatten_params({p: place(v, pre_flat[p]) if p in pre_flat else v
                      for p, v in init_flat.items()})
 
 
