@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cf3d_jax import config_base
+from cf3d_jax import config_base, parallel
 from cf3d_jax.data import records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.data.prepare import data_paths
@@ -47,7 +47,7 @@ from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
 from cf3d_jax.metrics import lesion as lesion_lib
 from cf3d_jax.metrics import ventricles as ventricle_lib
-from cf3d_jax.sample import SAMPLE_STREAM, _restore, make_sampler, subject_noise
+from cf3d_jax.sample import SAMPLE_STREAM, _restore, make_sampler, mesh_kwargs, subject_noise
 from cf3d_jax.text import prompts as prompt_lib
 
 EVAL_STREAM = 2_000_033   # subject k's evaluation noise = subject_noise(seed + EVAL_STREAM, k)
@@ -109,7 +109,8 @@ def _generate(r, config, scale: float) -> np.ndarray:
   from tqdm import tqdm
   prompts, k_total, bsz = r["prompts"], config.eval.num_per_prompt, config.eval.batch_size
   z_shape = r["space"].latent_shape(tuple(config.data.shape))
-  run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"])
+  run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+                     **mesh_kwargs(r, bsz, "eval.batch_size"))
   items = [(k, p) for k in range(k_total) for p in range(len(prompts))]
   out = np.zeros((k_total, len(prompts)) + tuple(config.data.shape) + (1,), np.float32)
   for start in tqdm(range(0, len(items), bsz), desc=f"evaluate w={scale:g}", unit="batch"):
@@ -223,10 +224,11 @@ def evaluate(config, workdir: str) -> dict:
     result["scales"].append(row)
     logging.info("evaluate w=%g: %s", scale, {k: v for k, v in row.items()
                                                if not isinstance(v, dict)})
-  out_dir = os.path.join(workdir, "eval")
-  write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
-  write_text(os.path.join(out_dir, "results.md"), results_markdown(result))
-  plot_guidance(result, os.path.join(out_dir, "guidance.png"))
+  if parallel.is_writer():   # multi-host: every process evaluates, process 0 writes
+    out_dir = os.path.join(workdir, "eval")
+    write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
+    write_text(os.path.join(out_dir, "results.md"), results_markdown(result))
+    plot_guidance(result, os.path.join(out_dir, "guidance.png"))
   return result
 
 

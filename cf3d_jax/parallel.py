@@ -294,6 +294,23 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_R
   return out
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """A host tree (every process holds the same values) → global arrays replicated on `mesh`."""
+  rep = replicated(mesh)
+  return jax.tree.map(
+      lambda v: jax.make_array_from_callback(np.shape(v), rep, lambda idx: np.asarray(v)[idx]),
+      tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (global) array → the whole value as NumPy on every process; across processes its
+  shards are gathered (`multihost_utils.process_allgather`)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def interleaved_order(batch_size: int, num_hosts: int) -> np.ndarray:
   """Row order that turns n per-host blocks of an element-interleaved stream (host p holds
   elements p, p + n, …) back into stream order: `batch[order][e]` is element e."""

@@ -46,6 +46,7 @@ from cf3d_jax.metrics.image import psnr
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import load_table
+from cf3d_jax.spaces import placed
 from cf3d_jax.train import abstract_state, build_components, checkpoint_manager, \
     make_optimizer, restore_state
 
@@ -63,41 +64,77 @@ def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
   return jax.random.normal(key, tuple(shape), jnp.float32)
 
 
+def _on_mesh(jitted, space, mesh, rules):
+  """Wraps `jitted(params, space_params, *batch_arrays, *rest)` for `mesh`: host batch arrays
+  (every process holds the same whole batch) become global arrays split by `parallel.batch_spec`,
+  the space's params and the `rest` arrays are replicated, the call is traced with the
+  activation rules, and the result comes back to every process as NumPy. Without a mesh: a
+  plain call."""
+  if mesh is None:
+    return lambda params, *args, n_batch: jitted(params, space.params, *args)
+  space_params = parallel.replicate(space.params, mesh)
+
+  def call(params, *args, n_batch: int):
+    batch = {str(i): np.asarray(a) for i, a in enumerate(args[:n_batch])}
+    placed_batch = parallel.put_batch(batch, mesh, rules, global_rows=True)
+    rest = [parallel.replicate(a, mesh) for a in args[n_batch:]]
+    with parallel.activation_context(mesh, rules):
+      out = jitted(params, space_params, *[placed_batch[str(i)] for i in range(n_batch)], *rest)
+    return parallel.to_host(out)
+
+  return call
+
+
 def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
-                 deterministic: bool = False, depth: float = 1.0):
+                 deterministic: bool = False, depth: float = 1.0, mesh=None,
+                 rules: parallel.Rules = parallel.DEFAULT_RULES):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]`.
 
   deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
+  mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
+  z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
+  it splits), the Haar transform block-local on `spatial`; returns NumPy on every process.
   """
+  sp_placed = placed(space, mesh, rules) if mesh is not None else space
 
-  def run(params, space_params, z_start, emb, mask, key):
+  def run(params, space_params, z_start, emb, mask, key_data):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
-    sp = space.with_params(space_params)
+    key = jax.random.wrap_key_data(key_data)
+    sp = sp_placed.with_params(space_params)
     fn = guided(model_fn, scale, jnp.asarray(null_emb), jnp.asarray(null_mask))
     return sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
                                  deterministic=deterministic, depth=depth))
 
-  jitted = jax.jit(run)
-  return lambda params, z_start, emb, mask, key: jitted(params, space.params, z_start, emb,
-                                                        mask, key)
+  call = _on_mesh(jax.jit(run), space, mesh, rules)
+  return lambda params, z_start, emb, mask, key: call(params, z_start, emb, mask,
+                                                      _key_data(key), n_batch=3)
 
 
-def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0):
+def _key_data(key: jax.Array) -> np.ndarray:
+  """Raw uint32 data of a (typed or legacy) key: a plain array that can be replicated."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return np.asarray(key)
+
+
+def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0, mesh=None,
+                  rules: parallel.Rules = parallel.DEFAULT_RULES):
   """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
 
-  The conditional model (no guidance) drives the inversion.
+  The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.
   """
+  sp_placed = placed(space, mesh, rules) if mesh is not None else space
 
   def run(params, space_params, x, emb, mask):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
-    z0 = space.with_params(space_params).encode(x)
+    z0 = sp_placed.with_params(space_params).encode(x)
     return invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth)
 
-  jitted = jax.jit(run)
-  return lambda params, x, emb, mask: jitted(params, space.params, x, emb, mask)
+  call = _on_mesh(jax.jit(run), space, mesh, rules)
+  return lambda params, x, emb, mask: call(params, x, emb, mask, n_batch=3)
 
 
 def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> None:
@@ -146,16 +183,27 @@ def _restore(config, workdir: str) -> dict:
   reference = (phantoms.load_reference(paths["reference"])
                if os.path.exists(paths["reference"]) else None)
   model, objective, space = build_components(config, workdir, load_autoencoder=True)
+  mesh = parallel.make_mesh(config.mesh.shape)
+  parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
   mngr = checkpoint_manager(workdir, config.train)
+  # Restored straight onto the mesh (FSDP by config.mesh.rules), whatever mesh trained it.
   state = restore_state(mngr, abstract_state(model, make_optimizer(config.train), config,
-                                             table.embeddings.shape[1:]),
+                                             table.embeddings.shape[1:], mesh),
                         step=config.sample.checkpoint_step)
   params = state["ema"] if config.sample.use_ema else state["params"]
   return {"table": table, "prompts": prompts, "emb": emb, "mask": mask,
           "null": (null_emb[0], null_mask[0]), "reference": reference,
           "affine": np.asarray(index["meta"].get("affine", np.eye(4))),
           "model": model, "objective": objective, "space": space, "params": params,
-          "step": int(state["step"])}
+          "step": int(state["step"]), "mesh": mesh,
+          "rules": parallel.rules_from_config(config.mesh)}
+
+
+def mesh_kwargs(r: dict, batch_size: int, key: str) -> dict:
+  """`make_sampler` / `make_inverter` keywords for the restored mesh; ConfigError naming `key`
+  if `batch_size` does not split over its data axis."""
+  parallel.check_batch_divisible(batch_size, r["mesh"], key)
+  return {"mesh": r["mesh"], "rules": r["rules"]}
 
 
 GROUND_TRUTH_STATS = {"ms": ("lesion_volume_ml", "wm_mean_intensity"),
@@ -229,7 +277,8 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "samples")
   entries = []
   for scale in config.sample.guidance_scales:
-    run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"])
+    run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+                       **mesh_kwargs(r, bsz, "sample.batch_size"))
     volumes = {}
     for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch"):
       chunk = items[start:start + bsz]
@@ -374,13 +423,14 @@ def sample_from_sources(config, workdir: str) -> dict:
                      for s in tqdm(sources, desc="loading", unit="scan")])[..., None]
   n, bsz = len(sources), config.sample.batch_size
   depth = float(config.sample.inversion_depth)
+  on_mesh = mesh_kwargs(r, bsz, "sample.batch_size")
   invert = make_inverter(r["model"], r["objective"], r["space"], config.sample.inversion_refine,
-                         depth)
+                         depth, **on_mesh)
   z_T = _batched(lambda x, e, m: invert(r["params"], x, e, m), n, bsz, inputs, f_emb, f_mask)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
   plain = make_sampler(r["model"], r["objective"], r["space"], 1.0, *r["null"], deterministic=True,
-                       depth=depth)
+                       depth=depth, **on_mesh)
   recon = _batched(lambda z, e, m: plain(r["params"], z, e, m, key), n, bsz, z_T, f_emb, f_mask)
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
   items = [(k, p) for k in range(n) for p in range(len(prompts))]
@@ -389,7 +439,7 @@ def sample_from_sources(config, workdir: str) -> dict:
   entries = []
   for scale in config.sample.guidance_scales:
     run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                       deterministic=True, depth=depth)
+                       deterministic=True, depth=depth, **on_mesh)
     x = _batched(lambda z, e, m: run(r["params"], z, e, m, key), len(items), bsz,
                  z_T[ks], r["emb"][ps], r["mask"][ps])
     scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))

@@ -3,7 +3,8 @@
 Run:  python -m cf3d_jax.main --config=configs/demo.py --workdir=runs/demo --mode=all
 Variants (comma-separated): 'smoke' (used by the tests) shrinks it further
 (--config=configs/demo.py:smoke); 'adni' switches to AD T1 phantoms with CN/MCI/AD prompts
-(--config=configs/demo.py:adni).
+(--config=configs/demo.py:adni); 'long' trains ~2.7× longer (2,400 steps, ~16 min on 2 idle cores), the
+larger CPU run of docs/results.md.
 MAISI-RFlow objective instead of WDM's DDPM, one override: --config.objective.name=rflow
 (rectified flow, Euler 30, L1 on the velocity, with the same skip preconditioning).
 Real-subject counterfactuals from a trained demo: --mode=sample --config.sample.source=scan.nii.gz
@@ -11,7 +12,7 @@ Real-subject counterfactuals from a trained demo: --mode=sample --config.sample.
 
 from cf3d_jax.config_base import apply_dataset, base_config, parse_variants
 
-VARIANTS = ("smoke", "adni")
+VARIANTS = ("smoke", "adni", "long")
 
 
 def get_config(arg: str | None = None):
@@ -45,8 +46,21 @@ def get_config(arg: str | None = None):
   config.sample.num_subjects = 4
   config.sample.batch_size = 12
   config.sample.guidance_scales = (1.0, 3.0)
+  # --mode=train_classifier / --mode=evaluate at demo size (docs/results.md has the tables).
+  config.classifier.num_steps = 300
+  config.classifier.batch_size = 8          # ≥ 8: BatchNorm sees 1 voxel per item at norm5 (32³)
+  config.classifier.eval_every = 50
+  config.eval.num_per_prompt = 24           # 72 volumes per guidance scale
+  config.eval.guidance_scales = (1.0, 0.5, 2.0, 3.0)  # the first is Table 1's setting
+  config.eval.batch_size = 12
+  config.eval.ms_ssim_kernel = 3            # 32³ holds 4 scales of a 3-voxel window (needs 24)
+  config.eval.ms_ssim_scales = 4
+  config.eval.diversity_pairs = 200
   if "adni" in variants:
     apply_dataset(config, "adni")
+  if "long" in variants:
+    config.train.num_steps = 2400
+    config.train.checkpoint_every = 600
   if "smoke" in variants:
     config.data.shape = (16, 16, 16)
     config.data.num_subjects = 12
@@ -64,4 +78,9 @@ def get_config(arg: str | None = None):
     config.sample.num_subjects = 1
     config.sample.batch_size = 6
     config.objective.num_sample_steps = 3
+    config.eval.num_per_prompt = 2
+    config.eval.ms_ssim_scales = 3          # 16³ holds 3 scales of a 3-voxel window
+    config.classifier.block_config = (2, 2)
+    config.classifier.num_steps = 2
+    config.classifier.batch_size = 2
   return config

@@ -18,8 +18,8 @@ def load_config(name, arg):
 CONFIGS = [(name, arg) for name in sorted(os.listdir(os.path.join(ROOT, "configs")))
            if name.endswith(".py") for arg in (None,)]
 CONFIGS += [("demo.py", "smoke"), ("demo.py", "adni"), ("demo.py", "smoke,adni"),
-            ("wdm_ms.py", "res256"), ("wdm_adni.py", "res256"), ("maisi_rflow_ms.py", "res128"),
-            ("maisi_linear_adni.py", "res128")]
+            ("demo.py", "long"), ("wdm_ms.py", "res256"), ("wdm_adni.py", "res256"),
+            ("maisi_rflow_ms.py", "res128"), ("maisi_linear_adni.py", "res128")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
