@@ -236,8 +236,13 @@ def _fmt(v, digits=4) -> str:
   return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _by_scale(result: dict) -> list[dict]:
+  """The per-scale rows in increasing guidance scale (Table 1's scale may come first in config)."""
+  return sorted(result["scales"], key=lambda row: row["guidance_scale"])
+
+
 def results_markdown(result: dict) -> str:
-  """Table 1 (first scale) and Table 2 (every scale) in the paper's column layout."""
+  """Table 1 (first scale) and Table 2 (every scale, increasing w) in the paper's layout."""
   first = result["scales"][0]
   lines = [f"# Evaluation: {result['objective']} on {result['dataset']} "
            f"(checkpoint {result['checkpoint_step']}, {result['num_per_prompt']} per prompt)", "",
@@ -255,11 +260,11 @@ def results_markdown(result: dict) -> str:
             f"{_fmt(100 * first['alignment'], 2) if 'alignment' in first else '—'} |", "",
             "## Table 2 (guidance sweep)", "",
             "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ |", "| --- | --- | --- | --- |"]
-  for row in result["scales"]:
+  for row in _by_scale(result):
     align = _fmt(100 * row["alignment"], 2) if "alignment" in row else "—"
     lines.append(f"| {row['guidance_scale']:g} | {align} | {_fmt(row['ms_ssim_preservation'])} | "
                  f"{_fmt(row['psnr_preservation'], 2)} |")
-  gts = [row for row in result["scales"] if "ground_truth" in row]
+  gts = [row for row in _by_scale(result) if "ground_truth" in row]
   if gts:
     stat = gts[0]["ground_truth"]["stat"]
     lines += ["", f"## Phantom ground truth ({stat}, measured in generated volumes)", "",
@@ -281,12 +286,12 @@ def plot_guidance(result: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  w = [row["guidance_scale"] for row in result["scales"]]
+  rows = _by_scale(result)
+  w = [row["guidance_scale"] for row in rows]
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
-  ax.plot(w, [row["ms_ssim_preservation"] for row in result["scales"]], "o-",
-          label="MS-SSIM preservation")
-  if all("alignment" in row for row in result["scales"]):
-    ax.plot(w, [row["alignment"] for row in result["scales"]], "s-", label="alignment")
+  ax.plot(w, [row["ms_ssim_preservation"] for row in rows], "o-", label="MS-SSIM preservation")
+  if all("alignment" in row for row in rows):
+    ax.plot(w, [row["alignment"] for row in rows], "s-", label="alignment")
   ax.set_xlabel("guidance scale w")
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=8)

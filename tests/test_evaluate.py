@@ -66,3 +66,17 @@ def test_train_classifier_then_evaluate(tmp_path):
   md = open(tmp_path / "eval" / "results.md").read()
   assert "## Table 1" in md and "## Table 2" in md and "| 3 |" in md
   assert os.path.getsize(tmp_path / "eval" / "guidance.png") > 1000
+
+
+def test_results_markdown_sorts_the_sweep_and_keeps_table1_first():
+  from cf3d_jax.evaluate import results_markdown
+  row = lambda w, pres: {"guidance_scale": w, "fid": 0.1, "ms_ssim_diversity": 0.5,
+                         "ms_ssim_preservation": pres, "psnr_preservation": 30.0,
+                         "alignment": 0.5}
+  result = {"objective": "ddpm", "dataset": "ms", "checkpoint_step": 9, "num_per_prompt": 2,
+            "fid_features": "f", "num_real": 3, "real_split": "test",
+            "scales": [row(1.0, 0.97), row(0.5, 0.99), row(3.0, 0.90)]}
+  md = results_markdown(result)
+  assert "## Table 1 (guidance w = 1)" in md and "| 0.1000 | 0.5000 | 0.9700 |" in md
+  sweep = md.split("## Table 2")[1]
+  assert sweep.index("| 0.5 |") < sweep.index("| 1 |") < sweep.index("| 3 |")
