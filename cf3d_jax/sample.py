@@ -44,9 +44,9 @@ from cf3d_jax.metrics import lesion as lesion_lib
 from cf3d_jax.metrics import ventricles as ventricle_lib
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
+from cf3d_jax.spaces import placed
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import load_table
-from cf3d_jax.spaces import placed
 from cf3d_jax.train import abstract_state, build_components, checkpoint_manager, \
     make_optimizer, restore_state
 
@@ -65,21 +65,19 @@ def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
 
 
 def _on_mesh(jitted, space, mesh, rules):
-  """Wraps `jitted(params, space_params, *batch_arrays, *rest)` for `mesh`: host batch arrays
-  (every process holds the same whole batch) become global arrays split by `parallel.batch_spec`,
-  the space's params and the `rest` arrays are replicated, the call is traced with the
-  activation rules, and the result comes back to every process as NumPy. Without a mesh: a
-  plain call."""
+  """`call(params, batch, rest=())` → `jitted(params, space_params, *batch, *rest)`. With `mesh`:
+  the host `batch` arrays (every process holds the same whole batch) become global arrays split
+  by `parallel.batch_spec`, the space's params and the `rest` arrays are replicated, the call is
+  traced with the activation rules, and the result comes back to every process as NumPy."""
   if mesh is None:
-    return lambda params, *args, n_batch: jitted(params, space.params, *args)
+    return lambda params, batch, rest=(): jitted(params, space.params, *batch, *rest)
   space_params = parallel.replicate(space.params, mesh)
 
-  def call(params, *args, n_batch: int):
-    batch = {str(i): np.asarray(a) for i, a in enumerate(args[:n_batch])}
-    placed_batch = parallel.put_batch(batch, mesh, rules, global_rows=True)
-    rest = [parallel.replicate(a, mesh) for a in args[n_batch:]]
+  def call(params, batch, rest=()):
+    on_mesh = parallel.put_batch(dict(enumerate(np.asarray(a) for a in batch)), mesh, rules)
     with parallel.activation_context(mesh, rules):
-      out = jitted(params, space_params, *[placed_batch[str(i)] for i in range(n_batch)], *rest)
+      out = jitted(params, space_params, *(on_mesh[i] for i in range(len(batch))),
+                   *(parallel.replicate(a, mesh) for a in rest))
     return parallel.to_host(out)
 
   return call
@@ -96,7 +94,7 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
   z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
   it splits), the Haar transform block-local on `spatial`; returns NumPy on every process.
   """
-  sp_placed = placed(space, mesh, rules) if mesh is not None else space
+  sp_placed = placed(space, mesh, rules)
 
   def run(params, space_params, z_start, emb, mask, key_data):
     def model_fn(z, t, e, m):
@@ -108,8 +106,8 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
                                  deterministic=deterministic, depth=depth))
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
-  return lambda params, z_start, emb, mask, key: call(params, z_start, emb, mask,
-                                                      _key_data(key), n_batch=3)
+  return lambda params, z_start, emb, mask, key: call(params, (z_start, emb, mask),
+                                                      (_key_data(key),))
 
 
 def _key_data(key: jax.Array) -> np.ndarray:
@@ -125,7 +123,7 @@ def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0
 
   The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.
   """
-  sp_placed = placed(space, mesh, rules) if mesh is not None else space
+  sp_placed = placed(space, mesh, rules)
 
   def run(params, space_params, x, emb, mask):
     def model_fn(z, t, e, m):
@@ -134,7 +132,7 @@ def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0
     return invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth)
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
-  return lambda params, x, emb, mask: call(params, x, emb, mask, n_batch=3)
+  return lambda params, x, emb, mask: call(params, (x, emb, mask))
 
 
 def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> None:
