@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.middle_dropout = True
   c.model.num_groups = 32
   c.model.resblock_updown = True
+  c.model.text_time_embedding = False         # + pooled text → MLP added to the timestep embedding (not in the paper)
+  c.model.scale_shift_norm = False            # ResBlocks modulate GN by scale/shift from the embedding (ADM; not in wdm-3d)
   c.model.conv_impl = "xla"                   # "xla" | "im2col" (faster on CPU; same params)
   c.model.dtype = "float32"                   # compute dtype: 'float32' | 'bfloat16'
   c.model.param_dtype = "float32"             # master weights (keep float32 with bf16 compute)
@@ -121,6 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.loss = "default"                # 'mse' | 'l1'; default: ddpm mse, rflow l1 (MAISI)
   c.objective.preconditioning = "none"        # 'none' (WDM, MAISI) | 'skip' (EDM-style, see objectives)
   c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
+  c.objective.loss_weighting = "none"         # 'none' | 'edm' (1/c_out²: unit-variance targets per noise level and channel; needs 'skip') | 'min_snr' (ddpm x0)
+  c.objective.sigma_data_channels = ()        # 'skip': one std per diffused channel (e.g. per Haar subband); () = sigma_data for all
   # DDPM only:
   c.objective.beta_schedule = "linear"        # 'linear' | 'scaled_linear'
   c.objective.beta_start = 1e-4
@@ -153,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.prompts = ("Subject has minimal lesion load.", "Subject has moderate lesion load.",
                       "Subject has high lesion load.")   # first = the factual reference
   c.sample.guidance_scales = (1.0,)           # CFG w: out = u + w (c − u); 1 = conditional only
+  c.sample.guidance_interval = (0.0, 1.0)     # CFG only where t/T lies in [lo, hi] (1 = pure noise); elsewhere w = 1
   c.sample.num_subjects = 8                   # K fixed noises
   c.sample.batch_size = 8                     # volumes per sampler call
   c.sample.use_ema = True
@@ -165,6 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.inversion_refine = 3               # fixed-point refinements per inversion step (0 = plain)
   c.sample.inversion_depth = 1.0              # fraction of the sampler grid inverted (1 = to pure noise;
                                               # < 1 stops part-way: the prompt changes more, SDEdit-like)
+  c.sample.edit_mask = ""                     # given scans: '' = edit everywhere; 'template_wm' (phantoms) or a NIfTI
+                                              # mask on the grid: outside it the decode follows the inversion and the
+                                              # output is the input (blended editing)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lesion_threshold = 0.2               # lesion rule: intensity > this inside template WM
@@ -327,6 +335,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.sample.guidance_scales, "at least one scale")
   _check(c.sample.inversion_refine >= 0, "sample.inversion_refine", c.sample.inversion_refine,
          ">= 0")
+  interval = tuple(c.sample.guidance_interval)
+  _check(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
+         "sample.guidance_interval", interval, "(lo, hi) with 0 <= lo <= hi <= 1")
   _check(0.0 < c.sample.inversion_depth <= 1.0, "sample.inversion_depth",
          c.sample.inversion_depth, "a fraction in (0, 1]")
   _check(c.objective.num_sample_steps >= 0, "objective.num_sample_steps",

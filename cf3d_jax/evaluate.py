@@ -45,22 +45,11 @@ from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import atomic_path, write_text
 from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
-from cf3d_jax.metrics import lesion as lesion_lib
-from cf3d_jax.metrics import ventricles as ventricle_lib
+from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.sample import SAMPLE_STREAM, _restore, make_sampler, mesh_kwargs, subject_noise
 from cf3d_jax.text import prompts as prompt_lib
 
 EVAL_STREAM = 2_000_033   # subject k's evaluation noise = subject_noise(seed + EVAL_STREAM, k)
-
-
-def prompt_class(dataset: str, prompt: str) -> int | None:
-  """Class index of a prompt (training or held-out template), or None if it names none."""
-  for templates in (None, prompt_lib.HELDOUT_TEMPLATES.get(dataset)):
-    table = prompt_lib.class_templates(dataset, templates)
-    for i, cls in enumerate(prompt_lib.CLASSES[dataset]):
-      if prompt in table[cls]:
-        return i
-  return None
 
 
 def ms_ssim_settings(config, shape) -> dict:
@@ -110,6 +99,7 @@ def _generate(r, config, scale: float) -> np.ndarray:
   prompts, k_total, bsz = r["prompts"], config.eval.num_per_prompt, config.eval.batch_size
   z_shape = r["space"].latent_shape(tuple(config.data.shape))
   run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+                     interval=tuple(config.sample.guidance_interval),
                      **mesh_kwargs(r, bsz, "eval.batch_size"))
   items = [(k, p) for k in range(k_total) for p in range(len(prompts))]
   out = np.zeros((k_total, len(prompts)) + tuple(config.data.shape) + (1,), np.float32)
@@ -125,35 +115,17 @@ def _generate(r, config, scale: float) -> np.ndarray:
   return out
 
 
-def _ground_truth(config, reference, volumes: np.ndarray, prompts: list[str]) -> dict:
-  """Phantom rule per volume → per-prompt means, factual → counterfactual change, class hits."""
-  k_total, n_prompts = volumes.shape[:2]
-  if config.data.dataset == "adni":
-    region = ventricle_lib.central_region(reference.ventricle_fraction, reference.brain_mask,
-                                          reference.voxel_ml)
-    measure = lambda v: ventricle_lib.ventricle_volume_ml(v, region, reference.voxel_ml)
-    stat = "ventricle_volume_ml"
-  else:
-    measure = lambda v: float(lesion_lib.lesion_volume_ml(
-        v[..., 0], reference.wm_mask, reference.voxel_ml, config.eval.lesion_threshold))
-    stat = "lesion_volume_ml"
-  vals = np.asarray([[measure(volumes[k, p]) for p in range(n_prompts)] for k in range(k_total)])
-  out = {"stat": stat,
-         "mean": {p: float(vals[:, i].mean()) for i, p in enumerate(prompts)},
-         "mean_change_vs_factual": {p: float((vals[:, i] - vals[:, 0]).mean())
-                                    for i, p in enumerate(prompts[1:], start=1)}}
-  if config.data.dataset == "ms":
-    bounds = [0.0, *prompt_lib.LESION_BOUNDS_ML, np.inf]
-    hits, dist = {}, {}
-    for i, p in enumerate(prompts):
-      c = prompt_class("ms", p)
-      if c is None:
-        continue
-      lo, hi = bounds[c], bounds[c + 1]
-      hits[p] = float(np.mean((vals[:, i] >= lo) & (vals[:, i] < hi)))
-      dist[p] = float(np.mean(np.maximum(lo - vals[:, i], 0) + np.maximum(vals[:, i] - hi, 0)))
-    out["fraction_in_class_range"] = hits
-    out["mean_distance_to_class_range_ml"] = dist
+def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: list[str]
+                  ) -> dict:
+  """Phantom rule per volume `[K, P, D, H, W, 1]` → `phantom.prompt_effect` (means, change vs
+  the factual prompt, class-hit rates, ordering) plus the PSNR of each counterfactual to its
+  factual outside the template white matter (where nothing should change)."""
+  vals = np.asarray([[rule.measure(v) for v in row] for row in volumes])
+  out = phantom_lib.prompt_effect(vals, prompts, rule.dataset)
+  outside = ~rule.reference.wm_mask
+  out["psnr_outside_wm"] = float(np.mean([
+      phantom_lib.masked_psnr(volumes[k, 0, ..., 0], volumes[k, p, ..., 0], outside, 2.0)
+      for k in range(volumes.shape[0]) for p in range(1, volumes.shape[1])]))
   return out
 
 
@@ -179,15 +151,25 @@ def evaluate(config, workdir: str) -> dict:
   real_labels = np.asarray([int(rec["label"]) for rec in real_recs])
   feats, feat_what = feature_extractor(config)
   real_stats = fid_lib.feature_statistics(_features(feats, real, bsz))
+  # The realism floor: FID between the real train split and the real eval split (what a
+  # generator that reproduced the training distribution exactly would score, at this size).
+  train_entries = split_entries(index, "train", config.seed, tuple(config.data.split))
+  train_real = np.stack([rec["volume"] for rec in read_records(
+      paths["records"], index, train_entries)]).astype(np.float32)
+  fid_floor = fid_lib.frechet_distance(
+      *fid_lib.feature_statistics(_features(feats, train_real, bsz)), *real_stats)
+  rule = (phantom_lib.PhantomRule.build(dataset, r["reference"], config.eval.lesion_threshold)
+          if r["reference"] is not None and tuple(r["reference"].shape) == shape else None)
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
   psnr = jax.jit(lambda a, b: image_lib.psnr(a, b, 2.0))
   predictor = classifier_lib.find_predictor(config, workdir)
-  classes = [prompt_class(dataset, p) for p in prompts]
+  classes = [prompt_lib.prompt_class(dataset, p) for p in prompts]
   labels = np.asarray([-1 if c is None else c for c in classes])
   result = {"checkpoint_step": r["step"], "seed": config.seed, "dataset": dataset,
             "objective": config.objective.name, "prompts": prompts,
             "num_per_prompt": config.eval.num_per_prompt, "real_split": config.eval.real_split,
-            "num_real": len(real), "fid_features": feat_what,
+            "num_real": len(real), "fid_features": feat_what, "fid_floor": fid_floor,
+            "num_real_train": len(train_real),
             "ms_ssim": {"kernel_size": ms_kw["kernel_size"], "weights": list(ms_kw["weights"]),
                         "data_range": 2.0}, "scales": []}
   if predictor is not None:
@@ -219,8 +201,9 @@ def evaluate(config, workdir: str) -> dict:
       keep = labels >= 0
       row["alignment"] = float(ok[:, 1:][:, keep[1:]].mean()) if keep[1:].any() else float("nan")
       row["alignment_all"] = float(ok[:, keep].mean())
-    if r["reference"] is not None and tuple(r["reference"].shape) == shape:
-      row["ground_truth"] = _ground_truth(config, r["reference"], vols, prompts)
+    row["fid_vs_floor"] = row["fid"] / result["fid_floor"] if result["fid_floor"] > 0 else None
+    if rule is not None:
+      row["ground_truth"] = _ground_truth(rule, vols, prompts)
     result["scales"].append(row)
     logging.info("evaluate w=%g: %s", scale, {k: v for k, v in row.items()
                                                if not isinstance(v, dict)})
@@ -252,6 +235,9 @@ def results_markdown(result: dict) -> str:
     lines.append(f"Classifier accuracy on real {result['real_split']} volumes: "
                  f"{100 * result['classifier']['real_accuracy']:.2f}%.")
     lines.append("")
+  lines += [f"Realism floor: FID between the real train ({result['num_real_train']}) and "
+            f"{result['real_split']} volumes = {_fmt(result['fid_floor'])}; each row's "
+            "'FID / floor' divides by it.", ""]
   lines += [f"## Table 1 (guidance w = {first['guidance_scale']:g})", "",
             "| FID ↓ | MS-SSIM div ↓ | MS-SSIM pres ↑ | PSNR ↑ | align % ↑ |",
             "| --- | --- | --- | --- | --- |",
@@ -259,25 +245,30 @@ def results_markdown(result: dict) -> str:
             f"{_fmt(first['ms_ssim_preservation'])} | {_fmt(first['psnr_preservation'], 2)} | "
             f"{_fmt(100 * first['alignment'], 2) if 'alignment' in first else '—'} |", "",
             "## Table 2 (guidance sweep)", "",
-            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ |", "| --- | --- | --- | --- |"]
+            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ |",
+            "| --- | --- | --- | --- | --- | --- |"]
   for row in _by_scale(result):
     align = _fmt(100 * row["alignment"], 2) if "alignment" in row else "—"
     lines.append(f"| {row['guidance_scale']:g} | {align} | {_fmt(row['ms_ssim_preservation'])} | "
-                 f"{_fmt(row['psnr_preservation'], 2)} |")
+                 f"{_fmt(row['psnr_preservation'], 2)} | {_fmt(row['fid'])} | "
+                 f"{_fmt(row.get('fid_vs_floor'), 2)} |")
   gts = [row for row in _by_scale(result) if "ground_truth" in row]
   if gts:
     stat = gts[0]["ground_truth"]["stat"]
     lines += ["", f"## Phantom ground truth ({stat}, measured in generated volumes)", "",
-              "| w | prompt | mean | change vs factual | in class range |",
-              "| --- | --- | --- | --- | --- |"]
+              "| w | prompt | mean | change vs factual | in class range | ordered | "
+              "PSNR outside WM |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in gts:
       gt = row["ground_truth"]
+      ordered = gt.get("ordered_fraction")
       for p, mean in gt["mean"].items():
-        change = gt["mean_change_vs_factual"].get(p)
-        hit = gt.get("fraction_in_class_range", {}).get(p)
+        change = gt["change_vs_first"].get(p)
+        hit = gt.get("class_hit_rate", {}).get(p)
         lines.append(f"| {row['guidance_scale']:g} | {p} | {mean:.2f} | "
                      f"{'—' if change is None else f'{change:+.2f}'} | "
-                     f"{'—' if hit is None else f'{100 * hit:.0f}%'} |")
+                     f"{'—' if hit is None else f'{100 * hit:.0f}%'} | "
+                     f"{'—' if ordered is None else f'{100 * ordered:.0f}%'} | "
+                     f"{gt['psnr_outside_wm']:.2f} |")
   return "\n".join(lines) + "\n"
 
 

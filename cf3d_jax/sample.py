@@ -6,10 +6,12 @@ first prompt is the factual reference. Outputs under `WORKDIR/samples/`:
   `g{scale}/subject_{k:03d}/{prompt-slug}.nii.gz`   each volume, with the dataset grid's affine;
   `g{scale}/subject_{k:03d}.png`                     montage: axial/coronal/sagittal mid-slices of
                                                       each prompt, then difference maps vs prompt 0;
-  `index.json`                                       every item, and the lesion volume (mL) of each
-                                                      generated volume by the rule of
-                                                      `cf3d_jax.metrics.lesion` (phantom data),
-                                                      and its mean intensity in the template WM.
+  `index.json`                                       every item with its phantom measurement
+                                                      (MS lesion volume, AD ventricle volume) and
+                                                      PSNR to the factual outside the template WM;
+                                                      per scale `prompt_effect`: means, change vs
+                                                      the first prompt, class-hit rates and
+                                                      ordering (`cf3d_jax.metrics.phantom`).
 
 Real-subject counterfactuals (`config.sample.source` set; `sample_from_sources`): each scan is
 conformed to the training grid, inverted deterministically under its factual prompt (DDIM or
@@ -40,8 +42,7 @@ from cf3d_jax.data import nifti, phantoms, records
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.files import atomic_path, write_text
-from cf3d_jax.metrics import lesion as lesion_lib
-from cf3d_jax.metrics import ventricles as ventricle_lib
+from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
 from cf3d_jax.spaces import placed
@@ -78,17 +79,23 @@ def _on_mesh(jitted, space, mesh, rules):
     with parallel.activation_context(mesh, rules):
       out = jitted(params, space_params, *(on_mesh[i] for i in range(len(batch))),
                    *(parallel.replicate(a, mesh) for a in rest))
-    return parallel.to_host(out)
+    return jax.tree.map(parallel.to_host, out)
 
   return call
 
 
 def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
                  deterministic: bool = False, depth: float = 1.0, mesh=None,
-                 rules: parallel.Rules = parallel.DEFAULT_RULES):
+                 rules: parallel.Rules = parallel.DEFAULT_RULES,
+                 interval: tuple[float, float] = (0.0, 1.0), edit_masks=None):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]`.
 
   deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
+  interval: the guidance interval (fractions of T, `guidance.guided`).
+  edit_masks `(mask_z [1, d, h, w, 1], mask_img [1, D, H, W, 1])` (`edit_masks`): blended
+  editing of given scans; the sampler then takes `known` `[B, S', ...]` (the inversion
+  trajectory, batch first) and the input images `[B, D, H, W, 1]` after the key, follows the
+  inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
   mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
   z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
@@ -96,18 +103,31 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
   """
   sp_placed = placed(space, mesh, rules)
 
-  def run(params, space_params, z_start, emb, mask, key_data):
+  def run(params, space_params, z_start, emb, mask, *rest):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
+    if edit_masks is None:
+      (key_data,), known, mask_z = rest, None, None
+    else:
+      known, x_input, key_data, mask_z, mask_img = rest
+      known = jnp.swapaxes(known, 0, 1)                  # [S', B, ...] for the scan
     key = jax.random.wrap_key_data(key_data)
     sp = sp_placed.with_params(space_params)
-    fn = guided(model_fn, scale, jnp.asarray(null_emb), jnp.asarray(null_mask))
-    return sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
-                                 deterministic=deterministic, depth=depth))
+    fn = guided(model_fn, scale, jnp.asarray(null_emb), jnp.asarray(null_mask), interval,
+                objective.num_train_steps)
+    x = sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
+                              deterministic=deterministic, depth=depth, known=known,
+                              edit_mask=mask_z))
+    if edit_masks is None:
+      return x
+    return mask_img * x + (1 - mask_img) * x_input
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
-  return lambda params, z_start, emb, mask, key: call(params, (z_start, emb, mask),
-                                                      (_key_data(key),))
+  if edit_masks is None:
+    return lambda params, z_start, emb, mask, key: call(params, (z_start, emb, mask),
+                                                        (_key_data(key),))
+  return lambda params, z_start, emb, mask, key, known, x_input: call(
+      params, (z_start, emb, mask, known, x_input), (_key_data(key),) + tuple(edit_masks))
 
 
 def _key_data(key: jax.Array) -> np.ndarray:
@@ -118,10 +138,11 @@ def _key_data(key: jax.Array) -> np.ndarray:
 
 
 def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0, mesh=None,
-                  rules: parallel.Rules = parallel.DEFAULT_RULES):
+                  rules: parallel.Rules = parallel.DEFAULT_RULES, trajectory: bool = False):
   """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
 
   The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.
+  trajectory: return `(z_T, known [B, S', ...])`, the states blended editing follows.
   """
   sp_placed = placed(space, mesh, rules)
 
@@ -129,7 +150,8 @@ def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
     z0 = sp_placed.with_params(space_params).encode(x)
-    return invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth)
+    out = invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth, trajectory)
+    return (out[0], jnp.swapaxes(out[1], 0, 1)) if trajectory else out
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
   return lambda params, x, emb, mask: call(params, (x, emb, mask))
@@ -204,58 +226,61 @@ def mesh_kwargs(r: dict, batch_size: int, key: str) -> dict:
   return {"mesh": r["mesh"], "rules": r["rules"]}
 
 
-GROUND_TRUTH_STATS = {"ms": ("lesion_volume_ml", "wm_mean_intensity"),
-                      "adni": ("ventricle_volume_ml",)}
+def _phantom_rule(reference, config) -> phantom_lib.PhantomRule | None:
+  """The dataset's ground-truth rule on the reference grid, or None without a reference."""
+  if reference is None or tuple(reference.wm_mask.shape) != tuple(config.data.shape):
+    return None
+  return phantom_lib.PhantomRule.build(config.data.dataset, reference,
+                                       config.eval.lesion_threshold)
 
 
-def _ground_truth_stats(entry: dict, volume: np.ndarray, reference, config) -> None:
-  """Adds the phantom rule's measurements to `entry` in place: MS lesion volume (mL) and mean WM
-  intensity (`metrics.lesion`); AD ventricle volume (mL, `metrics.ventricles`)."""
-  if reference is None or tuple(volume.shape) != tuple(reference.wm_mask.shape):
+def _ground_truth_stats(entry: dict, volume: np.ndarray, rule, reference_volume=None) -> None:
+  """Adds the phantom rule's measurement to `entry` in place (MS lesion volume and mean WM
+  intensity; AD ventricle volume) and, given the volume it should preserve
+  (`reference_volume`: the factual sample or the input scan), the PSNR to it outside the
+  template white matter."""
+  if rule is None:
     return
-  if config.data.dataset == "adni":
-    entry["ventricle_volume_ml"] = ventricle_lib.ventricle_volume_ml(
-        volume, _central_region(reference), reference.voxel_ml)
-    return
-  entry["lesion_volume_ml"] = float(lesion_lib.lesion_volume_ml(
-      volume, reference.wm_mask, reference.voxel_ml, config.eval.lesion_threshold))
-  entry["wm_mean_intensity"] = float(volume[reference.wm_mask].mean())
+  entry[rule.stat] = rule.measure(volume)
+  if rule.dataset == "ms":
+    entry["wm_mean_intensity"] = rule.wm_mean_intensity(volume)
+  if reference_volume is not None:
+    entry["psnr_outside_wm_db"] = phantom_lib.masked_psnr(
+        volume, reference_volume, ~rule.reference.wm_mask, 2.0)
 
 
-_REGIONS: dict = {}
+def _summarise(result: dict, entries: list[dict], prompts: list[str], scales, rule
+               ) -> dict[str, dict]:
+  """Adds the measurement rule and, per guidance scale, `phantom.prompt_effect` of the
+  `[subjects, prompts]` measurements (means, change vs the first prompt, class-hit rates,
+  ordering) under `result['prompt_effect']`; returns that dict."""
+  if rule is None or not any(rule.stat in e for e in entries):
+    return {}
+  result["rule"] = rule.description
+  effects = {}
+  for g in scales:
+    rows = {}
+    for e in entries:
+      if e["guidance_scale"] == float(g):
+        rows.setdefault(e["subject"], {})[e["prompt"]] = e[rule.stat]
+    values = np.asarray([[row[p] for p in prompts] for _, row in sorted(rows.items())])
+    eff = phantom_lib.prompt_effect(values, prompts, rule.dataset)
+    psnrs = [e["psnr_outside_wm_db"] for e in entries if e["guidance_scale"] == float(g)
+             and "psnr_outside_wm_db" in e and np.isfinite(e["psnr_outside_wm_db"])]
+    if psnrs:
+      eff["mean_psnr_outside_wm_db"] = float(np.mean(psnrs))
+    effects[f"g{g:g}"] = eff
+  result["prompt_effect"] = effects
+  return effects
 
 
-def _central_region(reference) -> np.ndarray:
-  """The ventricle rule's region for this reference grid (computed once per grid)."""
-  key = (tuple(reference.shape), id(reference))
-  if key not in _REGIONS:
-    _REGIONS[key] = ventricle_lib.central_region(reference.ventricle_fraction,
-                                                 reference.brain_mask, reference.voxel_ml)
-  return _REGIONS[key]
-
-
-def _summarise(result: dict, entries: list[dict], prompts: list[str], scales, reference,
-               config) -> None:
-  """Adds the measurement rule and per-(scale, prompt) means of the ground-truth statistics."""
-  stats = GROUND_TRUTH_STATS[config.data.dataset]
-  if reference is None or not any(stats[0] in e for e in entries):
-    return
-  if config.data.dataset == "adni":
-    result["ventricle_rule"] = (
-        f"voxels of the template brain within {ventricle_lib.DEFAULT_MARGIN_MM:g} mm of the "
-        f"template lateral ventricles with intensity < "
-        f"{ventricle_lib.DEFAULT_VENTRICLE_THRESHOLD:g} (images in [-1, 1]); volume = count × "
-        f"{reference.voxel_ml:.4f} mL per voxel (a monotone proxy, see metrics.ventricles)")
-  else:
-    result["lesion_rule"] = (f"voxels inside the template white-matter mask with intensity > "
-                             f"{config.eval.lesion_threshold} (images in [-1, 1]); volume = "
-                             f"count × {reference.voxel_ml:.4f} mL per voxel")
-  for stat in stats:
-    result[f"mean_{stat}"] = {
-        f"g{g:g}": {p: float(np.mean([e[stat] for e in entries
-                                      if e["prompt"] == p and e["guidance_scale"] == float(g)]))
-                    for p in prompts}
-        for g in scales}
+def _report(effects: dict[str, dict], prompts: list[str], out_dir: str) -> None:
+  """Logs the per-prompt table (means, class-hit rates, ordering) and where it came from."""
+  if effects:
+    logging.info("measured in the generated volumes (%s; class-hit rate in brackets):\n%s",
+                 next(iter(effects.values()))["stat"],
+                 phantom_lib.format_table(effects, prompts))
+  logging.info("wrote %s", os.path.join(out_dir, "index.json"))
 
 
 def sample_counterfactuals(config, workdir: str) -> dict:
@@ -268,7 +293,8 @@ def sample_counterfactuals(config, workdir: str) -> dict:
     return sample_from_sources(config, workdir)
   from tqdm import tqdm
   r = _restore(config, workdir)
-  prompts, emb, mask, reference = r["prompts"], r["emb"], r["mask"], r["reference"]
+  prompts, emb, mask = r["prompts"], r["emb"], r["mask"]
+  rule = _phantom_rule(r["reference"], config)
   z_shape = r["space"].latent_shape(tuple(config.data.shape))
   items = [(k, p) for k in range(config.sample.num_subjects) for p in range(len(prompts))]
   bsz = config.sample.batch_size
@@ -276,6 +302,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   entries = []
   for scale in config.sample.guidance_scales:
     run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+                       interval=tuple(config.sample.guidance_interval),
                        **mesh_kwargs(r, bsz, "sample.batch_size"))
     volumes = {}
     for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch"):
@@ -294,17 +321,18 @@ def sample_counterfactuals(config, workdir: str) -> dict:
         if parallel.is_writer():   # multi-host: every process samples, process 0 writes
           nifti.save_volume(os.path.join(out_dir, rel), volumes[(k, p)], r["affine"])
         entry = {"subject": k, "prompt": prompt, "guidance_scale": float(scale), "nifti": rel}
-        _ground_truth_stats(entry, volumes[(k, p)], reference, config)
+        _ground_truth_stats(entry, volumes[(k, p)], rule, volumes[(k, 0)] if p else None)
         entries.append(entry)
       if parallel.is_writer():
         montage(sub_dir + ".png", [volumes[(k, p)] for p in range(len(prompts))], prompts)
   result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
             "guidance_scales": [float(g) for g in config.sample.guidance_scales],
             "num_subjects": config.sample.num_subjects, "items": entries}
-  _summarise(result, entries, prompts, config.sample.guidance_scales, reference, config)
+  effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
   if parallel.is_writer():
     write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
   logging.info("wrote %d volumes to %s", len(entries), out_dir)
+  _report(effects, prompts, out_dir)
   return result
 
 
@@ -400,20 +428,53 @@ def load_source(path: str, config, grid_affine: np.ndarray | None = None) -> np.
 
 
 def _batched(fn, n: int, bsz: int, *arrays):
-  """Runs fn on batches of `bsz` (the last padded by repetition) and concatenates `[n, ...]`."""
+  """Runs fn on batches of `bsz` (the last padded by repetition) and concatenates `[n, ...]`
+  (each array of a tuple output alike)."""
   outs = []
   for start in range(0, n, bsz):
     idx = list(range(start, min(start + bsz, n)))
     idx += [idx[-1]] * (bsz - len(idx))
-    outs.append(np.asarray(fn(*[a[np.asarray(idx)] for a in arrays]))[: min(bsz, n - start)])
-  return np.concatenate(outs)
+    out = fn(*[a[np.asarray(idx)] for a in arrays])
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[: min(bsz, n - start)], out))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+  """`config.sample.edit_mask` → (mask on z's grid `[1, d, h, w, 1]`, image mask
+  `[1, D, H, W, 1]`), float32 in {0, 1}; None when unset. 'template_wm' = the phantom
+  reference's white-matter mask (where lesions are measured); else a NIfTI mask on the training
+  grid (nonzero = editable). A z voxel is editable if any image voxel it covers is."""
+  spec = config.sample.edit_mask
+  if not spec:
+    return None
+  shape = tuple(config.data.shape)
+  if spec == "template_wm":
+    if reference is None:
+      raise ConfigError("config.sample.edit_mask='template_wm' needs the phantom reference "
+                        "(WORKDIR/data/reference.npz, written by prepare for phantom data); give "
+                        "a NIfTI mask path instead")
+    mask = np.asarray(reference.wm_mask, bool)
+  else:
+    data, _ = nifti.load_volume(spec)
+    if data.shape != shape:
+      raise DataError(f"{spec}: edit mask of shape {data.shape}; expected the training grid "
+                      f"{shape} (config.data.shape)")
+    mask = data != 0
+  if not mask.any():
+    raise DataError(f"config.sample.edit_mask={spec!r}: the mask is empty")
+  f = [s // z for s, z in zip(shape, tuple(z_shape)[:3])]
+  d, h, w = tuple(z_shape)[:3]
+  mask_z = mask.reshape(d, f[0], h, f[1], w, f[2]).any(axis=(1, 3, 5))
+  as_input = lambda m: m.astype(np.float32)[None, ..., None]
+  return as_input(mask_z), as_input(mask)
 
 
 def sample_from_sources(config, workdir: str) -> dict:
   """Real-subject counterfactuals of the scans `config.sample.source` names (module docstring)."""
   from tqdm import tqdm
   r = _restore(config, workdir)
-  prompts, reference, table = r["prompts"], r["reference"], r["table"]
+  prompts, table = r["prompts"], r["table"]
+  rule = _phantom_rule(r["reference"], config)
   sources = resolve_sources(config.sample.source, config.data.dataset)
   factual = _factual_prompts(config, sources, prompts)
   f_emb, f_mask = table.lookup(factual)
@@ -422,9 +483,11 @@ def sample_from_sources(config, workdir: str) -> dict:
   n, bsz = len(sources), config.sample.batch_size
   depth = float(config.sample.inversion_depth)
   on_mesh = mesh_kwargs(r, bsz, "sample.batch_size")
+  masks = edit_masks(config, r["reference"], r["space"].latent_shape(tuple(config.data.shape)))
   invert = make_inverter(r["model"], r["objective"], r["space"], config.sample.inversion_refine,
-                         depth, **on_mesh)
+                         depth, trajectory=masks is not None, **on_mesh)
   z_T = _batched(lambda x, e, m: invert(r["params"], x, e, m), n, bsz, inputs, f_emb, f_mask)
+  z_T, known = z_T if masks is not None else (z_T, None)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
   plain = make_sampler(r["model"], r["objective"], r["space"], 1.0, *r["null"], deterministic=True,
@@ -437,9 +500,14 @@ def sample_from_sources(config, workdir: str) -> dict:
   entries = []
   for scale in config.sample.guidance_scales:
     run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                       deterministic=True, depth=depth, **on_mesh)
-    x = _batched(lambda z, e, m: run(r["params"], z, e, m, key), len(items), bsz,
-                 z_T[ks], r["emb"][ps], r["mask"][ps])
+                       deterministic=True, depth=depth, edit_masks=masks,
+                       interval=tuple(config.sample.guidance_interval), **on_mesh)
+    if masks is None:
+      x = _batched(lambda z, e, m: run(r["params"], z, e, m, key), len(items), bsz,
+                   z_T[ks], r["emb"][ps], r["mask"][ps])
+    else:
+      x = _batched(lambda z, e, m, kn, xin: run(r["params"], z, e, m, key, kn, xin),
+                   len(items), bsz, z_T[ks], r["emb"][ps], r["mask"][ps], known[ks], inputs[ks])
     scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
     for k, src in enumerate(sources):
       sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
@@ -456,7 +524,7 @@ def sample_from_sources(config, workdir: str) -> dict:
         entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
                  "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
                  "psnr_vs_input_db": float(scores[i])}
-        _ground_truth_stats(entry, x[i, ..., 0], reference, config)
+        _ground_truth_stats(entry, x[i, ..., 0], rule, inputs[k, ..., 0])
         entries.append(entry)
         vols.append(x[i, ..., 0])
       if write:
@@ -468,14 +536,19 @@ def sample_from_sources(config, workdir: str) -> dict:
             "inversion": {"sampler_steps": int(len(r["objective"].timesteps())),
                           "depth": depth,
                           "refine_iters": int(config.sample.inversion_refine),
+                          "edit_mask": config.sample.edit_mask or None,
                           "guidance": "conditional model (w = 1) under the factual prompt"},
             "sources": [{"subject": k, "path": s["path"], "factual_prompt": factual[k],
                          "reconstruction_psnr_db": float(recon_psnr[k])}
                         for k, s in enumerate(sources)],
             "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
-  _summarise(result, entries, prompts, config.sample.guidance_scales, reference, config)
+  if rule is not None:
+    for src, vol in zip(result["sources"], inputs[..., 0]):
+      src[f"input_{rule.stat}"] = rule.measure(vol)
+  effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
   if parallel.is_writer():
     write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
+  _report(effects, prompts, out_dir)
   logging.info("inverted %d scans (reconstruction PSNR %.2f dB); wrote %d volumes to %s", n,
                result["mean_reconstruction_psnr_db"], len(entries), out_dir)
   return result

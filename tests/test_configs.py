@@ -87,6 +87,8 @@ def test_adni_phantom_demo_runs_end_to_end(tmp_path):
   run(c, str(tmp_path), "all")
   index = json.load(open(tmp_path / "samples" / "index.json"))
   assert index["prompts"][2] == "Subject has Alzheimer's disease."
-  assert set(index["mean_ventricle_volume_ml"]["g3"]) == set(index["prompts"])
+  effect = index["prompt_effect"]["g3"]
+  assert effect["stat"] == "ventricle_volume_ml" and set(effect["mean"]) == set(index["prompts"])
+  assert 0 <= effect["ordered_fraction"] <= 1 and "class_hit_rate" not in effect
   assert "lesion_volume_ml" not in index["items"][0]
   assert all(i["ventricle_volume_ml"] >= 0 for i in index["items"])

@@ -8,7 +8,8 @@ import pytest
 
 from cf3d_jax import config_base
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.evaluate import ms_ssim_settings, prompt_class
+from cf3d_jax.evaluate import ms_ssim_settings
+from cf3d_jax.text.prompts import prompt_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +56,7 @@ def test_train_classifier_then_evaluate(tmp_path):
   result = json.load(open(tmp_path / "eval" / "results.json"))
   assert [row["guidance_scale"] for row in result["scales"]] == [1.0, 3.0]
   assert 0 <= result["classifier"]["real_accuracy"] <= 1
+  assert result["fid_floor"] >= 0 and result["num_real_train"] > 0
   for row in result["scales"]:
     assert row["fid"] >= 0 and np.isfinite(row["fid"])
     assert -1 <= row["ms_ssim_diversity"] <= 1 and -1 <= row["ms_ssim_preservation"] <= 1
@@ -62,7 +64,9 @@ def test_train_classifier_then_evaluate(tmp_path):
     assert 0 <= row["alignment"] <= 1 and 0 <= row["alignment_all"] <= 1
     gt = row["ground_truth"]
     assert gt["stat"] == "lesion_volume_ml" and set(gt["mean"]) == set(result["prompts"])
-    assert all(0 <= v <= 1 for v in gt["fraction_in_class_range"].values())
+    assert all(0 <= v <= 1 for v in gt["class_hit_rate"].values())
+    assert gt["psnr_outside_wm"] > 0
+    assert row["fid_vs_floor"] is None or row["fid_vs_floor"] >= 0
   md = open(tmp_path / "eval" / "results.md").read()
   assert "## Table 1" in md and "## Table 2" in md and "| 3 |" in md
   assert os.path.getsize(tmp_path / "eval" / "guidance.png") > 1000

@@ -23,7 +23,11 @@ def test_demo_all_mode_end_to_end(tmp_path):
     data = np.asarray(img.dataobj)
     assert np.isfinite(data).all() and data.min() >= -1 and data.max() <= 1
     assert item["lesion_volume_ml"] >= 0
-  assert set(index["mean_lesion_volume_ml"]) == {"g1", "g3"}
+  assert set(index["prompt_effect"]) == {"g1", "g3"}
+  effect = index["prompt_effect"]["g3"]
+  assert effect["stat"] == "lesion_volume_ml" and set(effect["mean"]) == set(prompts)
+  assert set(effect["class_hit_rate"]) == set(prompts)
+  assert all(0 <= v <= 1 for v in effect["class_hit_rate"].values())
   assert os.path.exists(os.path.join(workdir, "samples", "g3", "subject_000.png"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   # Re-running sample mode from the same checkpoint reproduces the index exactly.

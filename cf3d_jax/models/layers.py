@@ -223,6 +223,9 @@ class ResBlock(nn.Module):
   `down`/`up`, applied to the skip path too) `+ Dense(SiLU(emb))`; then
   `conv3_zero(dropout(SiLU(GN(h))))`; output `skip(x) + h` with skip the identity or a 1×1×1
   conv. `[N, D, H, W, C] → [N, D', H', W', out_channels]`, `emb` `[N, E]`.
+  `scale_shift=True` (guided-diffusion's use_scale_shift_norm): `emb_dense` gives 2·out values
+  (scale, shift) and the second half reads `SiLU(GN(h)·(1 + scale) + shift)` instead of adding
+  the embedding: a multiplicative (FiLM) modulation by time and, through the embedding, text.
   Parameter names: `in_norm, in_conv, emb_dense, out_norm, out_conv, skip_conv`.
   """
   out_channels: int
@@ -231,6 +234,7 @@ class ResBlock(nn.Module):
   up: bool = False
   down: bool = False
   conv_impl: str = 'xla'
+  scale_shift: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -245,10 +249,16 @@ class ResBlock(nn.Module):
     elif self.up:
       h, x = upsample_nearest_2x(h), upsample_nearest_2x(x)
     h = Conv3D(self.out_channels, 3, name='in_conv', **conv_kw)(h)
-    emb_out = Dense(self.out_channels, in_axis='embed', out_axis='mlp', name='emb_dense',
-                    **kw)(nn.silu(emb))
-    h = h + emb_out[:, None, None, None, :].astype(h.dtype)
-    h = nn.silu(GroupNorm(self.num_groups, param_dtype=self.param_dtype, name='out_norm')(h))
+    width = 2 * self.out_channels if self.scale_shift else self.out_channels
+    emb_out = Dense(width, in_axis='embed', out_axis='mlp', name='emb_dense',
+                    **kw)(nn.silu(emb))[:, None, None, None, :].astype(h.dtype)
+    if self.scale_shift:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = GroupNorm(self.num_groups, param_dtype=self.param_dtype, name='out_norm')(h)
+      h = nn.silu(h * (1 + scale) + shift)
+    else:
+      h = nn.silu(GroupNorm(self.num_groups, param_dtype=self.param_dtype,
+                            name='out_norm')(h + emb_out))
     if self.dropout > 0.0:
       h = nn.Dropout(self.dropout, rng_collection='dropout')(h, deterministic=not train)
     h = Conv3D(self.out_channels, 3, zero_init=True, name='out_conv', **conv_kw)(h)

@@ -23,6 +23,11 @@ Our additions, each after a ResBlock (never after the resampling ones) at the en
 `<block>_self_attn` (self-attention over the voxels) then `<block>_cross_attn` (voxels attend
 to the text tokens); both have zero-initialised output projections, so a fresh model equals
 the text-free one. In the middle, the same follows each of the `num_middle_blocks` ResBlocks.
+Two switches (off in wdm-3d and the paper configs) give the text more direct paths:
+`text_time_embedding` adds `text_embed_2(SiLU(text_embed_0(pool(text))))` (pool = mean of the
+valid tokens, Dense E→4·base→4·base) to the timestep embedding, so the text reaches every
+ResBlock as ADM's class embedding does; `scale_shift_norm` makes the ResBlocks modulate their
+second GroupNorm by scale and shift from that embedding (`layers.ResBlock`).
 Dropout (rate `dropout`) acts inside the ResBlocks (including the resampling ones) of the
 levels flagged in `dropout_levels` and, with `middle_dropout`, of the middle; elsewhere 0.
 
@@ -99,6 +104,8 @@ class UNet(nn.Module):
   middle_dropout: bool = False
   num_groups: int = 32
   resblock_updown: bool = True
+  text_time_embedding: bool = False   # pooled text → MLP, added to the timestep embedding
+  scale_shift_norm: bool = False      # ResBlocks: GN(h)·(1 + scale) + shift from the embedding
   conv_impl: str = 'xla'        # 'xla' | 'im2col' (layers.conv3d; same params, same math)
   remat_levels: tuple[str, ...] = ()   # per level: 'none' | 'full' | 'dots' (layers.REMAT_POLICIES)
   middle_remat: str = 'none'           # the same for the middle blocks
@@ -107,8 +114,9 @@ class UNet(nn.Module):
 
   @property
   def uses_text(self) -> bool:
-    """Whether any cross-attention is configured (then `text_emb` is required)."""
-    return self.middle_cross_attention or any(self.cross_attention_levels)
+    """Whether the text enters anywhere (then `text_emb` is required)."""
+    return (self.middle_cross_attention or any(self.cross_attention_levels)
+            or self.text_time_embedding)
 
   def _validate(self, x: Array, t: Array, text_emb: Array | None,
                 text_mask: Array | None) -> None:
@@ -147,10 +155,11 @@ class UNet(nn.Module):
     if self.uses_text:
       if text_emb is None:
         raise UNetConfigError(
-            'UNet has cross-attention configured (cross_attention_levels='
+            'UNet is text-conditioned (cross_attention_levels='
             f'{tuple(self.cross_attention_levels)}, middle_cross_attention='
-            f'{self.middle_cross_attention}) but text_emb is None; pass [N, L, E] token '
-            'embeddings (a null-text embedding for unconditional inputs).')
+            f'{self.middle_cross_attention}, text_time_embedding={self.text_time_embedding}) '
+            'but text_emb is None; pass [N, L, E] token embeddings (a null-text embedding for '
+            'unconditional inputs).')
       if text_emb.ndim != 3 or text_emb.shape[0] != x.shape[0]:
         raise UNetConfigError(f'UNet text_emb must be [N={x.shape[0]}, L, E], got '
                               f'{text_emb.shape}.')
@@ -181,6 +190,19 @@ class UNet(nn.Module):
       h = attention(name=f'{prefix}_cross_attn', **kw)(h, text_emb, text_mask)
       h = layers.constrain_volume(h)
     return h
+
+  def _pooled_text_embedding(self, text_emb: Array, text_mask: Array | None, width: int,
+                             kw: dict) -> Array:
+    """`[N, L, E]` tokens → mean over the valid ones → Dense → SiLU → Dense: `[N, width]`."""
+    if text_mask is None:
+      pooled = text_emb.mean(axis=1)
+    else:
+      weights = text_mask.astype(text_emb.dtype)[..., None]
+      pooled = (text_emb * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    h = layers.Dense(width, in_axis='text_embed', out_axis='mlp', name='text_embed_0',
+                     **kw)(pooled)
+    return layers.Dense(width, in_axis='mlp', out_axis='embed', name='text_embed_2',
+                        **kw)(nn.silu(h))
 
   @nn.compact
   def __call__(self, x: Array, t: Array, text_emb: Array | None = None,
@@ -213,8 +235,8 @@ class UNet(nn.Module):
                   down: bool = False) -> layers.ResBlock:
       # Called as block(h, emb, train): `train` positional, static under remat.
       cls = layers.remat(layers.ResBlock, remat, static_argnums=(3,))
-      return cls(out_ch, self.num_groups, self.dropout if drop else 0.0,
-                 up=up, down=down, conv_impl=self.conv_impl, name=name, **kw)
+      return cls(out_ch, self.num_groups, self.dropout if drop else 0.0, up=up, down=down,
+                 conv_impl=self.conv_impl, scale_shift=self.scale_shift_norm, name=name, **kw)
 
     base = self.base_channels
     time_dim = 4 * base
@@ -223,6 +245,8 @@ class UNet(nn.Module):
                        **kw)(emb)
     emb = layers.Dense(time_dim, in_axis='mlp', out_axis='embed', name='time_embed_2',
                        **kw)(nn.silu(emb))
+    if self.text_time_embedding:
+      emb = emb + self._pooled_text_embedding(*text, time_dim, kw)
 
     h = layers.Conv3D(base, 3, impl=self.conv_impl, name='input_blocks_0', **kw)(x.astype(dtype))
     h = layers.constrain_volume(h)

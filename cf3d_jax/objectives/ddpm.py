@@ -7,7 +7,8 @@ Pure functions of arrays and keys. Conventions (DESIGN.md §4, as guided-diffusi
 - loss = mean squared error over every element (the 8 wavelet subbands weighted equally);
 - optional skip preconditioning of an x0 model (`preconditioning='skip'`, as EDM's c_skip/c_out
   in VP form): `x0 = c_skip z_t + c_out F(z_t)` with `c_skip = a σ_d² / (a² σ_d² + s²)` and
-  `c_out = σ_d s / sqrt(a² σ_d² + s²)` (a = √ab, s = √(1 − ab), σ_d = `sigma_data`). The loss is
+  `c_out = σ_d s / sqrt(a² σ_d² + s²)` (a = √ab, s = √(1 − ab), σ_d = `sigma_data`, or one σ_d per channel from
+  `sigma_data_channels`: per Haar subband, whose stds differ by up to 4×). The loss is
   still MSE on x0; the network only learns the residual of the optimal linear denoiser, so the
   near-identity at low noise comes for free and small models learn detail far sooner.
   `'none'` (WDM) uses the network output as x0 directly;
@@ -34,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.objectives.common import ClipFn, ModelEval, check_loss, per_example_loss
+from cf3d_jax.objectives.common import (LOSS_WEIGHTINGS, MIN_SNR_GAMMA, ClipFn, ModelEval,
+                                        check_loss, check_loss_weighting, per_example_loss,
+                                        sigma_data_array, sigma_data_from_config)
 
 PREDICTIONS = ("x0", "eps", "v")
 PRECONDITIONINGS = ("none", "skip")
@@ -88,17 +91,18 @@ class DDPM:
   eta: float = 0.0
   timestep_spacing: str = "leading"
   preconditioning: str = "none"
-  sigma_data: float = 0.5
+  sigma_data: float | tuple[float, ...] = 0.5   # scalar, or one std per channel
   sampler: str = "ddim"
   ancestral_variance: str = "fixed_small"
   loss_kind: str = "mse"
+  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: min(SNR, 5))
   final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
 
   @classmethod
   def from_config(cls, cfg, latent_shape=None) -> "DDPM":
     """Builds from `config.objective` (keys: num_train_steps, beta_schedule, beta_start,
     beta_end, prediction, num_sample_steps (0 = 25), eta, timestep_spacing, preconditioning,
-    sigma_data, sampler ('default' = 'ddim'), ancestral_variance, loss ('default' = 'mse')).
+    sigma_data or sigma_data_channels, sampler ('default' = 'ddim'), ancestral_variance, loss ('default' = 'mse')).
     `latent_shape` is unused (the rectified flow's time shift needs it)."""
     del latent_shape
     if cfg.prediction not in PREDICTIONS:
@@ -125,9 +129,13 @@ class DDPM:
     obj = cls(betas=betas, prediction=cfg.prediction,
               num_sample_steps=int(cfg.num_sample_steps) or DEFAULT_SAMPLE_STEPS,
               eta=cfg.eta, timestep_spacing=cfg.timestep_spacing, preconditioning=precond,
-              sigma_data=float(cfg.get("sigma_data", 0.5)), sampler=sampler,
+              sigma_data=sigma_data_from_config(cfg), sampler=sampler,
               ancestral_variance=variance,
-              loss_kind=check_loss(cfg.get("loss", "default"), "mse"))
+              loss_kind=check_loss(cfg.get("loss", "default"), "mse"),
+              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS))
+    if obj.loss_weighting == "min_snr" and obj.prediction != "x0":
+      raise ConfigError("config.objective.loss_weighting='min_snr' is implemented for "
+                        f"prediction='x0'; got {obj.prediction!r}")
     obj.timesteps()  # validates steps and spacing early.
     return obj
 
@@ -165,12 +173,30 @@ class DDPM:
       return out
     ab = jnp.asarray(self.alpha_bar, jnp.float32)
     a, s = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
-    var = a ** 2 * self.sigma_data ** 2 + s ** 2
-    return (a * self.sigma_data ** 2 / var) * z_t + (self.sigma_data * s / jnp.sqrt(var)) * out
+    sd = sigma_data_array(self.sigma_data, z_t)
+    var = a ** 2 * sd ** 2 + s ** 2
+    return (a * sd ** 2 / var) * z_t + (sd * s / jnp.sqrt(var)) * out
 
-  def loss(self, prediction: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
-    """Per-example loss `[N]` (MSE by default) over all remaining axes."""
-    return per_example_loss(prediction, target, self.loss_kind)
+  def loss_weight(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray | None:
+    """Per-(example, channel) loss weight at timesteps t `[N]`, broadcasting against `like`:
+    'edm' = 1/c_out² (the loss becomes the MSE of the network output F against its unit-variance
+    target, per channel: every noise level and every subband counts alike); 'min_snr' =
+    min(SNR_t, 5) for x0 prediction (Hang et al. 2023); 'none' = None."""
+    if self.loss_weighting == "none":
+      return None
+    ab = jnp.asarray(self.alpha_bar, jnp.float32)
+    a, s = _gather(jnp.sqrt(ab), t, like), _gather(jnp.sqrt(1 - ab), t, like)
+    if self.loss_weighting == "min_snr":
+      return jnp.minimum(a ** 2 / s ** 2, MIN_SNR_GAMMA)
+    sd = sigma_data_array(self.sigma_data, like)
+    return (a ** 2 * sd ** 2 + s ** 2) / (sd * s) ** 2
+
+  def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
+           t: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Per-example loss `[N]` (MSE by default) over all remaining axes, weighted by
+    `loss_weight(t)` when a weighting is configured (then t `[N]` is required)."""
+    weight = None if self.loss_weighting == "none" else self.loss_weight(t, target)
+    return per_example_loss(prediction, target, self.loss_kind, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: the raw integer timestep, as float32."""

@@ -18,11 +18,20 @@ import numpy as np
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jnp.ndarray
-           ) -> ModelFn:
-  """Wraps `model_fn` with CFG at a static `scale`; null_emb `[L, E]`, null_mask `[L]`."""
+def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jnp.ndarray,
+           interval: tuple[float, float] = (0.0, 1.0), num_train_steps: int = 1000) -> ModelFn:
+  """Wraps `model_fn` with CFG at a static `scale`; null_emb `[L, E]`, null_mask `[L]`.
+
+  interval `(lo, hi)`: guidance acts only where the model time t lies in [lo·T, hi·T]
+  (T = `num_train_steps`; t = T is pure noise), elsewhere the conditional output is used
+  (w = 1) — Kynkäänniemi et al. 2024's guidance interval. (0, 1) = every step.
+  """
   if scale == 1.0:
     return model_fn
+  lo, hi = (float(v) for v in interval)
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise ValueError(f"guidance interval {interval}: expected 0 <= lo <= hi <= 1")
+  everywhere = lo == 0.0 and hi == 1.0
 
   def fn(z_t, t, text_emb, text_mask):
     n = z_t.shape[0]
@@ -31,7 +40,11 @@ def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jn
     out = model_fn(jnp.concatenate([z_t, z_t]), jnp.concatenate([t, t]),
                    jnp.concatenate([text_emb, null_e]), jnp.concatenate([text_mask, null_m]))
     cond, uncond = out[:n], out[n:]
-    return uncond + scale * (cond - uncond)
+    if everywhere:
+      return uncond + scale * (cond - uncond)
+    frac = t.astype(jnp.float32) / num_train_steps
+    w = jnp.where((frac >= lo) & (frac <= hi), scale, 1.0)
+    return uncond + w.reshape((n,) + (1,) * (cond.ndim - 1)).astype(cond.dtype) * (cond - uncond)
 
   return fn
 
@@ -55,31 +68,49 @@ def _bind(objective, model_fn: ModelFn, text_emb: jnp.ndarray, text_mask: jnp.nd
 def sample_loop(objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jnp.ndarray,
                 text_mask: jnp.ndarray, key: jax.Array,
                 clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
-                deterministic: bool = False, depth: float = 1.0) -> jnp.ndarray:
+                deterministic: bool = False, depth: float = 1.0,
+                known: jnp.ndarray | None = None, edit_mask: jnp.ndarray | None = None
+                ) -> jnp.ndarray:
   """Runs the objective's sampler from `z_start` (pure noise, or an inversion) to the clean end.
 
   z_start `[N, ...]`; text_emb `[N, L, E]`; returns z0 `[N, ...]`. The step key is
   `fold_in(key, i)` for step i. `deterministic=True` uses the objective's ODE step (DDIM η = 0
   for DDPM, Euler/Heun for rectified flow) whatever sampler the config names — the map that
   `invert_loop` undoes. `depth` < 1 starts part-way down the grid (from a partial inversion).
+
+  Blended editing (with `known` `[S', N, ...]` from `invert_loop(..., trajectory=True)` and
+  `edit_mask` `[N or 1, ...]` in [0, 1] on z's grid): after step i, `z ← m·z + (1 − m)·known[i]`,
+  so outside the mask the state follows the inversion of the given scan (which decodes back to
+  it) and only the masked region is generated anew under the prompt.
   """
   steps, nxt = _grid(objective, depth)
   n = z_start.shape[0]
   model_eval = _bind(objective, model_fn, text_emb, text_mask)
+  if (known is None) != (edit_mask is None):
+    raise ValueError("blended editing needs both `known` and `edit_mask`")
+  if known is not None and known.shape[:2] != (steps.shape[0], n):
+    raise ValueError(f"known has shape {known.shape}; expected [{steps.shape[0]}, {n}, ...] "
+                     "(one state per sampler step, from invert_loop with the same depth)")
 
   def body(z, xs):
-    i, t, t_next = xs
+    i, t, t_next = xs[:3]
     tt, tn = jnp.full((n,), t), jnp.full((n,), t_next)
     if deterministic:
-      return objective.ode_step(model_eval, z, tt, tn, clip_x0), None
-    return objective.sampler_step(model_eval, z, tt, tn, jax.random.fold_in(key, i), clip_x0), None
+      z = objective.ode_step(model_eval, z, tt, tn, clip_x0)
+    else:
+      z = objective.sampler_step(model_eval, z, tt, tn, jax.random.fold_in(key, i), clip_x0)
+    if known is not None:
+      z = edit_mask * z + (1 - edit_mask) * xs[3]
+    return z, None
 
-  z, _ = jax.lax.scan(body, z_start, (jnp.arange(steps.shape[0]), steps, nxt))
+  xs = (jnp.arange(steps.shape[0]), steps, nxt) + (() if known is None else (known,))
+  z, _ = jax.lax.scan(body, z_start, xs)
   return z
 
 
 def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,
-                text_mask: jnp.ndarray, refine_iters: int = 0, depth: float = 1.0) -> jnp.ndarray:
+                text_mask: jnp.ndarray, refine_iters: int = 0, depth: float = 1.0,
+                trajectory: bool = False):
   """Deterministic inversion: clean z0 `[N, ...]` → the start noise that `sample_loop(...,
   deterministic=True)` maps back to (approximately) z0, on the same time grid in reverse.
 
@@ -90,6 +121,8 @@ def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.nda
   `depth` < 1 inverts only the last fraction of the grid (stops at an intermediate noise level;
   decode with the same depth): less of the subject is locked into the noise, so the prompt can
   change more (SDEdit-style strength).
+  With `trajectory=True` returns `(z, known)`: `known[i]` `[S', N, ...]` is the state at the time
+  `sample_loop` reaches after its step i (the last is z0 itself), for blended editing.
   """
   steps, nxt = _grid(objective, depth)
   n = z0.shape[0]
@@ -102,7 +135,11 @@ def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.nda
     # A loop, not an unrolled chain: one copy of the network in the compiled body.
     z_b = jax.lax.fori_loop(
         0, refine_iters, lambda _, z: z + (z_a - objective.ode_step(model_eval, z, tb, ta)), z_b)
-    return z_b, None
+    return z_b, z_b
 
-  z, _ = jax.lax.scan(body, z0, (steps[::-1], nxt[::-1]))
-  return z
+  z, states = jax.lax.scan(body, z0, (steps[::-1], nxt[::-1]))
+  if not trajectory:
+    return z
+  # states[j] is the state at time steps[::-1][j]; sample step i ends at nxt[i] = steps[i + 1].
+  known = jnp.concatenate([states[::-1][1:], z0[None]], axis=0)
+  return z, known

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.objectives.common import ClipFn, ModelEval, bcast, check_loss, per_example_loss
+from cf3d_jax.objectives.common import (ClipFn, ModelEval, bcast, check_loss,
+                                        check_loss_weighting, per_example_loss,
+                                        sigma_data_array, sigma_data_from_config)
 
 SAMPLERS = ("euler", "heun")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
@@ -71,8 +73,9 @@ class RectifiedFlow:
   logit_normal: tuple[float, float] = (0.0, 1.0)
   ratio: float = 1.0                    # resolution shift r (1 = none)
   preconditioning: str = "none"
-  sigma_data: float = 0.5
+  sigma_data: float | tuple[float, ...] = 0.5   # scalar, or one std per channel
   loss_kind: str = "l1"
+  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out² of the skip preconditioning)
   final_time = 0.0
 
   @classmethod
@@ -106,8 +109,9 @@ class RectifiedFlow:
     obj = cls(num_train_steps=int(cfg.num_train_steps),
               num_sample_steps=int(cfg.num_sample_steps) or DEFAULT_SAMPLE_STEPS,
               sampler=sampler, time_sampling=time_sampling, logit_normal=(loc, scale),
-              ratio=ratio, preconditioning=precond, sigma_data=float(cfg.get("sigma_data", 0.5)),
-              loss_kind=check_loss(cfg.get("loss", "default"), "l1"))
+              ratio=ratio, preconditioning=precond, sigma_data=sigma_data_from_config(cfg),
+              loss_kind=check_loss(cfg.get("loss", "default"), "l1"),
+              loss_weighting=check_loss_weighting(cfg, precond, ("none", "edm")))
     obj.timesteps()  # validates the step count early.
     return obj
 
@@ -139,13 +143,24 @@ class RectifiedFlow:
     """The network output `F` as a velocity (applies the preconditioning)."""
     if self.preconditioning == "none":
       return out
-    s, sd2 = self._s(t, z_t), self.sigma_data ** 2
-    var = (1 - s) ** 2 * sd2 + s ** 2
-    return ((1 - s) * sd2 - s) / var * z_t + (self.sigma_data / jnp.sqrt(var)) * out
+    s, sd = self._s(t, z_t), sigma_data_array(self.sigma_data, z_t)
+    var = (1 - s) ** 2 * sd ** 2 + s ** 2
+    return ((1 - s) * sd ** 2 - s) / var * z_t + (sd / jnp.sqrt(var)) * out
 
-  def loss(self, prediction: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
-    """Per-example loss `[N]` (L1 by default, as MAISI)."""
-    return per_example_loss(prediction, target, self.loss_kind)
+  def loss_weight(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray | None:
+    """'edm': 1/c_out² per (example, channel) — the loss of the network output F against its
+    unit-variance target (squared for MSE; for L1 the same factor); 'none': None."""
+    if self.loss_weighting == "none":
+      return None
+    s, sd = self._s(t, like), sigma_data_array(self.sigma_data, like)
+    return ((1 - s) ** 2 * sd ** 2 + s ** 2) / sd ** 2
+
+  def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
+           t: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Per-example loss `[N]` (L1 by default, as MAISI), weighted by `loss_weight(t)` when a
+    weighting is configured."""
+    weight = None if self.loss_weighting == "none" else self.loss_weight(t, target)
+    return per_example_loss(prediction, target, self.loss_kind, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: t in [0, T], float32."""

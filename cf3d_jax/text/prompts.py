@@ -204,3 +204,15 @@ def prompts_for(dataset: str, templates: Templates | None = None,
   if include_heldout:
     groups += list(class_templates(dataset, HELDOUT_TEMPLATES[dataset]).values())
   return list(dict.fromkeys(p for group in groups for p in group))
+
+
+def prompt_class(dataset: str, prompt: str) -> int | None:
+  """Class index (in ``CLASSES[dataset]`` order) of a prompt that is one of the dataset's
+  training or held-out templates, or None if it names no class."""
+  _check_dataset(dataset)
+  for templates in (None, HELDOUT_TEMPLATES.get(dataset)):
+    table = class_templates(dataset, templates)
+    for i, cls in enumerate(CLASSES[dataset]):
+      if prompt in table[cls]:
+        return i
+  return None

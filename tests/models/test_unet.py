@@ -230,13 +230,14 @@ def test_cross_attention_intermediates_stay_within_n_heads_s_l():
   assert max(sizes) <= n * heads * s * length
 
 
-def test_resblock_matches_torch_reference():
+@pytest.mark.parametrize('scale_shift', [False, True])
+def test_resblock_matches_torch_reference(scale_shift):
   torch = pytest.importorskip('torch')
   rng = np.random.RandomState(0)
   x = rng.randn(2, 8, 8, 8, 8).astype(np.float32)
   emb = rng.randn(2, 16).astype(np.float32)
   for down, out_ch in ((True, 8), (False, 12)):
-    block = layers.ResBlock(out_ch, num_groups=4, down=down)
+    block = layers.ResBlock(out_ch, num_groups=4, down=down, scale_shift=scale_shift)
     shapes = nn.unbox(jax.eval_shape(block.init, jax.random.key(0), x, emb)['params'])
     params = _perturbed(jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape), shapes), 0.2)
     y = np.asarray(jax.jit(block.apply)({'params': params}, x, emb))
@@ -253,8 +254,13 @@ def test_resblock_matches_torch_reference():
       h, skip = torch.nn.functional.avg_pool3d(h, 2), torch.nn.functional.avg_pool3d(xt, 2)
     h = conv(h, params['in_conv'], 1)
     e = torch.nn.functional.silu(to_t(emb)) @ to_t(params['emb_dense']['kernel'])
-    h = h + (e + to_t(params['emb_dense']['bias']))[:, :, None, None, None]
-    h = conv(torch.nn.functional.silu(gn(h, params['out_norm'])), params['out_conv'], 1)
+    e = (e + to_t(params['emb_dense']['bias']))[:, :, None, None, None]
+    if scale_shift:   # guided-diffusion's use_scale_shift_norm=True
+      scale, shift = torch.chunk(e, 2, dim=1)
+      h = torch.nn.functional.silu(gn(h, params['out_norm']) * (1 + scale) + shift)
+    else:
+      h = torch.nn.functional.silu(gn(h + e, params['out_norm']))
+    h = conv(h, params['out_conv'], 1)
     if 'skip_conv' in params:
       skip = conv(skip, params['skip_conv'], 0)
     expected = (skip + h).numpy().transpose(0, 2, 3, 4, 1)
@@ -307,3 +313,27 @@ def test_remat_levels_give_the_same_outputs_and_gradients(text_model):
   np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_text_time_embedding_conditions_every_block_without_cross_attention():
+  model = _tiny(text_time_embedding=True, scale_shift_norm=True)
+  assert model.uses_text
+  params = init_params(model, jax.random.key(0), X_SHAPE, TEXT_SHAPE)
+  assert params['text_embed_0']['kernel'].shape == (TEXT_SHAPE[1], 4 * TINY['base_channels'])
+  assert params['input_blocks_1']['emb_dense']['kernel'].shape[-1] == 2 * TINY['base_channels']
+  assert not any(k.endswith('_attn') for k in params)
+  specs = param_logical_axes(model, X_SHAPE, TEXT_SHAPE)
+  for name in ('text_embed_0', 'text_embed_2'):
+    assert all(len(spec) == params[name][leaf].ndim
+               and all(a in layers.PARAM_AXIS_NAMES for a in spec)
+               for leaf, spec in specs[name].items())
+  apply = jax.jit(lambda p, x, t, e, m: model.apply({'params': p}, x, t, e, m))
+  params = _perturbed(params)
+  x, t, text, mask = _inputs()
+  y = apply(params, x, t, text, mask)
+  assert float(jnp.max(jnp.abs(y - apply(params, x, t, text + 1.0, mask)))) > 1e-3
+  # The pool averages the valid tokens only.
+  changed = text.at[1, 3:].set(100.0)
+  np.testing.assert_allclose(y, apply(params, x, t, changed, mask), atol=1e-5)
+  with pytest.raises(UNetConfigError, match='text_time_embedding=True'):
+    model.apply({'params': params}, x, t)

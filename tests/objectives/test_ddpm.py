@@ -168,6 +168,31 @@ def test_skip_preconditioning_matches_float64_formula_and_is_optimal_for_gaussia
     make_objective(_cfg(preconditioning="skip", prediction="eps"))
 
 
+def test_per_channel_sigma_data_is_the_per_channel_optimal_linear_denoiser():
+  sds = (0.8, 0.2, 0.1)
+  obj = make_objective(_cfg(preconditioning="skip", sigma_data_channels=sds))
+  rng = np.random.default_rng(6)
+  z = rng.normal(size=(3, 2, 2, 2, 3)).astype(np.float32)
+  out = rng.normal(size=z.shape).astype(np.float32)
+  t = np.array([0, 300, 999])
+  got = np.asarray(obj.prediction_from_output(jnp.asarray(out), jnp.asarray(z), jnp.asarray(t)))
+  ab = np.cumprod(1 - obj.betas)[t].reshape(-1, 1, 1, 1, 1)
+  a, s, sd = np.sqrt(ab), np.sqrt(1 - ab), np.asarray(sds)
+  want = a * sd ** 2 / (a ** 2 * sd ** 2 + s ** 2) * z + sd * s / np.sqrt(a ** 2 * sd ** 2 + s ** 2) * out
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # F = 0: DDIM lands on N(0, σ_c²) in each channel c.
+  obj = make_objective(_cfg(preconditioning="skip", sigma_data_channels=sds, num_sample_steps=1000))
+  z0 = guidance.sample_loop(obj, lambda zz, tt, e, m: jnp.zeros_like(zz),
+                            jax.random.normal(jax.random.key(0), (64, 4, 4, 4, 3)),
+                            jnp.zeros((64, 1, 4)), jnp.ones((64, 1), bool), jax.random.key(1))
+  np.testing.assert_allclose(np.asarray(z0).reshape(-1, 3).std(0), sds, rtol=0.03)
+  with pytest.raises(ConfigError, match="sigma_data_channels has 3 values"):
+    obj.prediction_from_output(jnp.zeros((1, 2, 2, 2, 8)), jnp.zeros((1, 2, 2, 2, 8)),
+                               jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ConfigError, match="sigma_data_channels"):
+    make_objective(_cfg(preconditioning="skip", sigma_data_channels=(0.5, 0.0)))
+
+
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ancestral_step_matches_diffusers_ddpm_scheduler(variance):
   diffusers = pytest.importorskip("diffusers")

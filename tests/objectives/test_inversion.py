@@ -124,3 +124,50 @@ def test_partial_inversion_reconstructs_and_stops_part_way(make):
   assert float(jnp.mean((z_mid - x0) ** 2)) < 0.8 * float(jnp.mean((z_full - x0) ** 2))
   with pytest.raises(ValueError, match="depth"):
     guidance.invert_loop(objective, model_fn, x0, emb, mask, 0, depth=0.0)
+
+
+@pytest.mark.parametrize("make", [_ddpm, _rflow])
+def test_blended_editing_keeps_the_input_outside_the_mask(make):
+  objective = make()
+  n = 4
+  x0 = MU + SD * jax.random.normal(jax.random.key(5), (n, 4, 4, 4, 4))
+  emb, mask = jnp.zeros((n, 1, 4)), jnp.ones((n, 1), bool)
+  exact = _analytic_model(objective)
+  # An "edit" model: the exact denoiser of a law shifted by +1 (another prompt's subjects).
+  shifted = lambda z, t, e, m: exact(z, t, e, m) + 1.0
+  for depth in (1.0, 0.5):
+    z_T, known = guidance.invert_loop(objective, exact, x0, emb, mask, 2, depth,
+                                      trajectory=True)
+    np.testing.assert_allclose(z_T, guidance.invert_loop(objective, exact, x0, emb, mask, 2,
+                                                         depth), atol=1e-6)
+    assert known.shape == (max(1, round(depth * len(objective.timesteps()))),) + x0.shape
+    np.testing.assert_array_equal(known[-1], x0)
+    edit = jnp.zeros((1, 4, 4, 4, 1)).at[:, :2].set(1.0)   # editable: the first half of depth
+    out = guidance.sample_loop(objective, shifted, z_T, emb, mask, jax.random.key(0),
+                               deterministic=True, depth=depth, known=known, edit_mask=edit)
+    np.testing.assert_array_equal(out[:, 2:], x0[:, 2:])   # kept exactly outside
+    free = guidance.sample_loop(objective, shifted, z_T, emb, mask, jax.random.key(0),
+                                deterministic=True, depth=depth)
+    assert float(jnp.mean(out[:, :2] - x0[:, :2])) > 0.1    # moved towards the edit inside
+    full = guidance.sample_loop(objective, shifted, z_T, emb, mask, jax.random.key(0),
+                                deterministic=True, depth=depth, known=known,
+                                edit_mask=jnp.ones((1, 4, 4, 4, 1)))
+    np.testing.assert_allclose(full, free, atol=1e-5)        # mask 1 = no blending
+  with pytest.raises(ValueError, match="both"):
+    guidance.sample_loop(objective, exact, z_T, emb, mask, jax.random.key(0), known=known)
+
+
+def test_guidance_interval_switches_guidance_off_outside_it():
+  cond = lambda z, t, e, m: z + e[:, :1, :1].reshape(-1, 1, 1, 1, 1)
+  null_emb, null_mask = jnp.zeros((1, 4)), jnp.ones((1,), bool)
+  z = jnp.ones((2, 2, 2, 2, 1))
+  emb, mask = jnp.ones((2, 1, 4)), jnp.ones((2, 1), bool)
+  fn = guidance.guided(cond, 3.0, null_emb, null_mask, interval=(0.2, 0.6),
+                       num_train_steps=1000)
+  out = fn(z, jnp.asarray([100.0, 400.0]), emb, mask)   # outside: w = 1; inside: w = 3
+  np.testing.assert_allclose(out[0], 2.0)
+  np.testing.assert_allclose(out[1], 1.0 + 3.0)
+  everywhere = guidance.guided(cond, 3.0, null_emb, null_mask)
+  np.testing.assert_allclose(everywhere(z, jnp.asarray([100.0, 400.0]), emb, mask), 4.0)
+  with pytest.raises(ValueError, match="interval"):
+    guidance.guided(cond, 3.0, null_emb, null_mask, interval=(0.7, 0.2))

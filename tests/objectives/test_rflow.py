@@ -154,6 +154,16 @@ def test_skip_preconditioning_zero_output_is_the_optimal_gaussian_velocity():
   assert abs(float(z0.std()) / 0.3 - 1) < 0.01 and abs(float(z0.mean())) < 0.01
 
 
+def test_per_channel_sigma_data_lands_each_channel_on_its_own_law():
+  sds = (0.6, 0.2, 0.1, 0.05)
+  obj = make_objective(_cfg(preconditioning="skip", sigma_data_channels=sds, sampler="heun"),
+                       (8, 8, 8, 4))
+  z0 = guidance.sample_loop(obj, lambda zz, tt, e, m: jnp.zeros_like(zz),
+                            jax.random.normal(jax.random.key(0), (64, 4, 4, 4, 4)),
+                            jnp.zeros((64, 1, 4)), jnp.ones((64, 1), bool), jax.random.key(1))
+  np.testing.assert_allclose(np.asarray(z0).reshape(-1, 4).std(0), sds, rtol=0.03)
+
+
 def test_training_time_sampling_is_shifted_uniform_or_logit_normal():
   obj = make_objective(_cfg(), LATENT)
   t = np.asarray(obj.sample_time(jax.random.key(0), 20000))
