@@ -36,6 +36,11 @@ def get_config(arg: str | None = None):
   # x0 = c_skip z_t + c_out F: the identity at low noise comes for free. Plain x0 output (WDM)
   # learned only the class-mean brain in 1,200 steps (docs/benchmarks.md, "demo training").
   config.objective.preconditioning = "skip"
+  # One data std per Haar subband (root mean square of the demo phantoms' diffused coefficients,
+  # LLL/3 first): a single sigma_data=0.3 let c_skip pass 2–3× too much noise into the fine
+  # subbands, and the samples kept it as voxel texture that the lesion rule counted as ~60 mL
+  # under every prompt (docs/results.md, "What makes the prompt act").
+  config.objective.sigma_data_channels = (0.81, 0.166, 0.157, 0.096, 0.177, 0.096, 0.101, 0.083)
   config.train.num_steps = 900
   config.train.batch_size = 4
   config.train.learning_rate = 2e-3
@@ -58,6 +63,8 @@ def get_config(arg: str | None = None):
   config.eval.diversity_pairs = 200
   if "adni" in variants:
     apply_dataset(config, "adni")
+    # The T1 phantoms' subband RMS (measured as for MS above).
+    config.objective.sigma_data_channels = (0.807, 0.2, 0.187, 0.102, 0.219, 0.104, 0.107, 0.086)
   if "long" in variants:
     config.train.num_steps = 2400
     config.train.checkpoint_every = 600

@@ -1,0 +1,49 @@
+"""Sampling helpers: edit masks for blended editing of given scans."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cf3d_jax.config_base import load_config_file
+from cf3d_jax.data import phantoms
+from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.sample import edit_masks
+
+
+@pytest.fixture
+def config():
+  c = load_config_file("configs/demo.py", "smoke")    # 16³ images, 8³ × 8 wavelet grid
+  return c
+
+
+def test_template_wm_mask_on_both_grids(config):
+  reference = phantoms.make_reference(tuple(config.data.shape), config.data.fov_mm)
+  config.sample.edit_mask = "template_wm"
+  mask_z, mask_img = edit_masks(config, reference, (8, 8, 8, 8))
+  assert mask_z.shape == (1, 8, 8, 8, 1) and mask_img.shape == (1, 16, 16, 16, 1)
+  np.testing.assert_array_equal(mask_img[0, ..., 0], reference.wm_mask)
+  # A z voxel is editable iff any of the 2×2×2 image voxels it covers is.
+  blocks = reference.wm_mask.reshape(8, 2, 8, 2, 8, 2).any(axis=(1, 3, 5))
+  np.testing.assert_array_equal(mask_z[0, ..., 0], blocks)
+  with pytest.raises(ConfigError, match="reference"):
+    edit_masks(config, None, (8, 8, 8, 8))
+  config.sample.edit_mask = ""
+  assert edit_masks(config, reference, (8, 8, 8, 8)) is None
+
+
+def test_nifti_mask_is_checked_against_the_grid(config, tmp_path):
+  good, bad, empty = (str(tmp_path / f"{n}.nii.gz") for n in ("good", "bad", "empty"))
+  vol = np.zeros((16, 16, 16), np.float32)
+  vol[4:6, 4:6, 4:6] = 1
+  nib.save(nib.Nifti1Image(vol, np.eye(4)), good)
+  nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), bad)
+  nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), empty)
+  config.sample.edit_mask = good
+  mask_z, mask_img = edit_masks(config, None, (8, 8, 8, 8))
+  assert mask_img.sum() == 8 and mask_z.sum() == 1 and mask_z[0, 2, 2, 2, 0] == 1
+  config.sample.edit_mask = bad
+  with pytest.raises(DataError, match="bad.nii.gz.*training grid"):
+    edit_masks(config, None, (8, 8, 8, 8))
+  config.sample.edit_mask = empty
+  with pytest.raises(DataError, match="empty"):
+    edit_masks(config, None, (8, 8, 8, 8))
