@@ -245,8 +245,8 @@ def _ground_truth_stats(entry: dict, volume: np.ndarray, rule, reference_volume=
   if rule.dataset == "ms":
     entry["wm_mean_intensity"] = rule.wm_mean_intensity(volume)
   if reference_volume is not None:
-    entry["psnr_outside_wm_db"] = phantom_lib.masked_psnr(
-        volume, reference_volume, ~rule.reference.wm_mask, 2.0)
+    value = phantom_lib.masked_psnr(volume, reference_volume, ~rule.reference.wm_mask, 2.0)
+    entry["psnr_outside_wm_db"] = value if np.isfinite(value) else None   # None: identical
 
 
 def _summarise(result: dict, entries: list[dict], prompts: list[str], scales, rule
@@ -265,10 +265,13 @@ def _summarise(result: dict, entries: list[dict], prompts: list[str], scales, ru
         rows.setdefault(e["subject"], {})[e["prompt"]] = e[rule.stat]
     values = np.asarray([[row[p] for p in prompts] for _, row in sorted(rows.items())])
     eff = phantom_lib.prompt_effect(values, prompts, rule.dataset)
-    psnrs = [e["psnr_outside_wm_db"] for e in entries if e["guidance_scale"] == float(g)
-             and "psnr_outside_wm_db" in e and np.isfinite(e["psnr_outside_wm_db"])]
-    if psnrs:
-      eff["mean_psnr_outside_wm_db"] = float(np.mean(psnrs))
+    psnrs = [e["psnr_outside_wm_db"] for e in entries
+             if e["guidance_scale"] == float(g) and "psnr_outside_wm_db" in e]
+    if psnrs:   # None where nothing changed outside the WM (blended edits): counted apart
+      finite = [v for v in psnrs if v is not None]
+      eff["fraction_unchanged_outside_wm"] = 1.0 - len(finite) / len(psnrs)
+      if finite:
+        eff["mean_psnr_outside_wm_db"] = float(np.mean(finite))
     effects[f"g{g:g}"] = eff
   result["prompt_effect"] = effects
   return effects
