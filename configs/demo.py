@@ -91,6 +91,7 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = 2
     config.sample.num_subjects = 1
     config.sample.batch_size = 6
+    config.sample.guidance_scales = (1.0, 3.0)
     config.objective.num_sample_steps = 3
     config.eval.num_per_prompt = 2
     config.eval.ms_ssim_scales = 3          # 16³ holds 3 scales of a 3-voxel window
