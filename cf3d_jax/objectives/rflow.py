@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.objectives.common import (ClipFn, ModelEval, bcast, check_loss,
+from cf3d_jax.objectives.common import (LOSS_WEIGHTINGS, MIN_SNR_GAMMA, ClipFn, ModelEval, bcast,
+                                        check_loss,
                                         check_loss_weighting, per_example_loss,
                                         sigma_data_array, sigma_data_from_config)
 
@@ -75,7 +76,7 @@ class RectifiedFlow:
   preconditioning: str = "none"
   sigma_data: float | tuple[float, ...] = 0.5   # scalar, or one std per channel
   loss_kind: str = "l1"
-  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out² of the skip preconditioning)
+  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (min(SNR, 5)·s²)
   final_time = 0.0
 
   @classmethod
@@ -111,7 +112,7 @@ class RectifiedFlow:
               sampler=sampler, time_sampling=time_sampling, logit_normal=(loc, scale),
               ratio=ratio, preconditioning=precond, sigma_data=sigma_data_from_config(cfg),
               loss_kind=check_loss(cfg.get("loss", "default"), "l1"),
-              loss_weighting=check_loss_weighting(cfg, precond, ("none", "edm")))
+              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS))
     obj.timesteps()  # validates the step count early.
     return obj
 
@@ -149,10 +150,16 @@ class RectifiedFlow:
 
   def loss_weight(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray | None:
     """'edm': 1/c_out² per (example, channel) — the loss of the network output F against its
-    unit-variance target (squared for MSE; for L1 the same factor); 'none': None."""
+    unit-variance target (squared for MSE; for L1 the same factor); 'min_snr': min(SNR, 5)·s²
+    with SNR = ((1 − s)/s)², the x0-space min-SNR weight carried to the velocity
+    (x0 = z_t + s·v, so an x0 error is s times a velocity error); 'none': None."""
     if self.loss_weighting == "none":
       return None
-    s, sd = self._s(t, like), sigma_data_array(self.sigma_data, like)
+    s = self._s(t, like)
+    if self.loss_weighting == "min_snr":
+      s = jnp.clip(s, 1e-6, 1.0)
+      return jnp.minimum(((1 - s) / s) ** 2, MIN_SNR_GAMMA) * s ** 2
+    sd = sigma_data_array(self.sigma_data, like)
     return ((1 - s) ** 2 * sd ** 2 + s ** 2) / sd ** 2
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,

@@ -209,3 +209,16 @@ def test_bad_config_values_name_the_key():
     make_objective(_cfg(num_sample_steps=5000), LATENT)
   with pytest.raises(ConfigError, match="time_shift"):
     make_objective(_cfg())
+
+
+def test_min_snr_weighting_is_the_x0_weight_carried_to_the_velocity():
+  obj = make_objective(_cfg(loss_weighting="min_snr", time_shift=False), LATENT)
+  t = jnp.asarray([100.0, 500.0, 900.0])
+  s = np.asarray(t) / 1000
+  want = np.minimum(((1 - s) / s) ** 2, 5.0) * s ** 2
+  got = np.asarray(obj.loss_weight(t, jnp.zeros((3, 2, 2, 2, 4))))[:, 0, 0, 0, 0]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # The weighted loss is the x0-space min-SNR loss: |x0 error|² = s²·|v error|².
+  pred, target = jnp.ones((3, 2, 2, 2, 4)), jnp.zeros((3, 2, 2, 2, 4))
+  obj_mse = make_objective(_cfg(loss_weighting="min_snr", time_shift=False, loss="mse"), LATENT)
+  np.testing.assert_allclose(obj_mse.loss(pred, target, t), want, rtol=1e-5)
