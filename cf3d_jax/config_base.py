@@ -335,6 +335,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
          c.sample.guidance_scales, "at least one scale")
   _check(c.sample.inversion_refine >= 0, "sample.inversion_refine", c.sample.inversion_refine,
          ">= 0")
+  channels = tuple(c.objective.sigma_data_channels)
+  _check(not channels or len(channels) == c.model.out_channels, "objective.sigma_data_channels",
+         channels, f"() or one value per diffused channel (model.out_channels = "
+         f"{c.model.out_channels})")
   interval = tuple(c.sample.guidance_interval)
   _check(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
          "sample.guidance_interval", interval, "(lo, hi) with 0 <= lo <= hi <= 1")

@@ -30,6 +30,15 @@ def get_config(arg: str | None = None):
   config.space.encode_batch_size = 8
   apply_objective_preset(config, "maisi_rflow")   # velocity, L1, uniform t + shift, Euler 30
   config.objective.preconditioning = "skip"       # as the WDM demo: identity at low noise
+  # The latent demo keeps the recipe it was measured with (docs/latent.md), not the WDM demo's
+  # later additions: latents are scaled to unit std, so one sigma_data fits all channels.
+  config.objective.sigma_data_channels = ()
+  config.objective.loss_weighting = "none"
+  config.model.text_time_embedding = False
+  config.model.scale_shift_norm = False
+  config.text.paraphrases = True
+  config.data.phantom.lesion_radius_mm = (6.0, 12.0)
+  config.sample.guidance_scales = (1.0, 3.0)
   m = config.model                                 # 8³ × 4 latents → 4³
   m.out_channels = 4
   m.base_channels = 32
