@@ -235,9 +235,10 @@ def results_markdown(result: dict) -> str:
     lines.append(f"Classifier accuracy on real {result['real_split']} volumes: "
                  f"{100 * result['classifier']['real_accuracy']:.2f}%.")
     lines.append("")
-  lines += [f"Realism floor: FID between the real train ({result['num_real_train']}) and "
-            f"{result['real_split']} volumes = {_fmt(result['fid_floor'])}; each row's "
-            "'FID / floor' divides by it.", ""]
+  if "fid_floor" in result:
+    lines += [f"Realism floor: FID between the real train ({result['num_real_train']}) and "
+              f"{result['real_split']} volumes = {_fmt(result['fid_floor'])}; each row's "
+              "'FID / floor' divides by it.", ""]
   lines += [f"## Table 1 (guidance w = {first['guidance_scale']:g})", "",
             "| FID ↓ | MS-SSIM div ↓ | MS-SSIM pres ↑ | PSNR ↑ | align % ↑ |",
             "| --- | --- | --- | --- | --- |",
@@ -261,14 +262,15 @@ def results_markdown(result: dict) -> str:
     for row in gts:
       gt = row["ground_truth"]
       ordered = gt.get("ordered_fraction")
+      changes = gt.get("change_vs_first", gt.get("mean_change_vs_factual", {}))
       for p, mean in gt["mean"].items():
-        change = gt["change_vs_first"].get(p)
+        change = changes.get(p)
         hit = gt.get("class_hit_rate", {}).get(p)
         lines.append(f"| {row['guidance_scale']:g} | {p} | {mean:.2f} | "
                      f"{'—' if change is None else f'{change:+.2f}'} | "
                      f"{'—' if hit is None else f'{100 * hit:.0f}%'} | "
                      f"{'—' if ordered is None else f'{100 * ordered:.0f}%'} | "
-                     f"{gt['psnr_outside_wm']:.2f} |")
+                     f"{_fmt(gt.get('psnr_outside_wm'), 2)} |")
   return "\n".join(lines) + "\n"
 
 

@@ -70,6 +70,8 @@ def test_init_from_a_converted_text_free_unet(workdir_with_data, smoke_config, t
   from cf3d_jax.errors import DataError
   from cf3d_jax.models import unet
   c = smoke_config
+  c.model.scale_shift_norm = False          # wdm-3d's ResBlocks (use_scale_shift_norm=False)
+  c.model.text_time_embedding = False
   c.model.num_middle_blocks = 2
   m = c.model
   pre_config = dict(in_channels=8, out_channels=8, base_channels=m.base_channels,
