@@ -212,24 +212,27 @@ OBJECTIVE_PRESETS = {
     # WDM (wdm-3d): DDPM, linear betas 1e-4 → 0.02, x0 prediction, MSE, DDIM 25 ("leading").
     "wdm": dict(name="ddpm", beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                 prediction="x0", sampler="ddim", num_sample_steps=25, eta=0.0,
-                timestep_spacing="leading", loss="mse", preconditioning="none"),
+                timestep_spacing="leading", loss="mse", preconditioning="none",
+                sigma_data_channels=(), loss_weighting="none"),
     # MAISI Linear: DDPM 1000 steps, scaled-linear betas 0.0015 → 0.0195, epsilon prediction,
     # no sample clipping (the latent space has none), ancestral sampling over all 1000 steps.
     "maisi_linear": dict(name="ddpm", beta_schedule="scaled_linear", beta_start=0.0015,
                          beta_end=0.0195, prediction="eps", sampler="ancestral",
                          num_sample_steps=1000, timestep_spacing="leading", loss="mse",
-                         preconditioning="none"),
+                         preconditioning="none", sigma_data_channels=(), loss_weighting="none"),
     # MAISI RFlow: rectified flow, uniform continuous t with the resolution shift, velocity, L1,
     # Euler 30.
     "maisi_rflow": dict(name="rflow", sampler="euler", num_sample_steps=30,
                         time_sampling="uniform", time_shift=True, shift_base_numel=32 ** 3,
-                        shift_scale=1.0, loss="l1", preconditioning="none"),
+                        shift_scale=1.0, loss="l1", preconditioning="none",
+                        sigma_data_channels=(), loss_weighting="none"),
 }
 
 
 def apply_objective_preset(c: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
   """Sets `c.objective` to one model family's published settings ('wdm' | 'maisi_linear' |
-  'maisi_rflow'); other keys keep their values. Returns c."""
+  'maisi_rflow'), the published recipe: no per-channel sigma_data, no loss weighting; other keys
+  keep their values. Returns c."""
   if preset not in OBJECTIVE_PRESETS:
     raise ConfigError(f"objective preset {preset!r}: expected one of {sorted(OBJECTIVE_PRESETS)}")
   for key, value in OBJECTIVE_PRESETS[preset].items():

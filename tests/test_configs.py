@@ -76,6 +76,12 @@ def test_objective_presets():
   assert obj.ratio == pytest.approx(2.0)      # 64³ subband grid: (64³ / 32³)^(1/3)
   with pytest.raises(ConfigError, match="preset"):
     config_base.apply_objective_preset(c, "edm")
+  # A preset is the published recipe: the demo's per-subband sigma_data and min-SNR go.
+  demo = load_config("demo.py", None)
+  assert len(demo.objective.sigma_data_channels) == 8
+  config_base.apply_objective_preset(demo, "maisi_rflow")
+  assert tuple(demo.objective.sigma_data_channels) == ()
+  assert demo.objective.loss_weighting == "none"
   with pytest.raises(ValueError, match="unknown variant"):
     load_config("demo.py", "smoke,tiny")
 
