@@ -129,8 +129,8 @@ def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: l
   return out
 
 
-def evaluate(config, workdir: str) -> dict:
-  """Runs the evaluation and writes `WORKDIR/eval/`; returns the results dict."""
+def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
+  """Runs the evaluation and writes `out_dir` (default `WORKDIR/eval/`); returns the results."""
   from cf3d_jax import classifier as classifier_lib
   config_base.validate(config)
   r = _restore(config, workdir)
@@ -208,7 +208,7 @@ def evaluate(config, workdir: str) -> dict:
     logging.info("evaluate w=%g: %s", scale, {k: v for k, v in row.items()
                                                if not isinstance(v, dict)})
   if parallel.is_writer():   # multi-host: every process evaluates, process 0 writes
-    out_dir = os.path.join(workdir, "eval")
+    out_dir = out_dir or os.path.join(workdir, "eval")
     write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
     write_text(os.path.join(out_dir, "results.md"), results_markdown(result))
     plot_guidance(result, os.path.join(out_dir, "guidance.png"))

@@ -4,7 +4,8 @@ Run:  python -m cf3d_jax.main --config=configs/demo.py --workdir=runs/demo --mod
 Variants (comma-separated): 'smoke' (used by the tests) shrinks it further
 (--config=configs/demo.py:smoke); 'adni' switches to AD T1 phantoms with CN/MCI/AD prompts
 (--config=configs/demo.py:adni); 'long' trains ~2.7× longer (2,400 steps, ~16 min on 2 idle cores), the
-larger CPU run of docs/results.md.
+larger CPU run of docs/results.md; 'showcase' trains 4,500 steps (the training curve of
+docs/results.md).
 MAISI-RFlow objective instead of WDM's DDPM, one override: --config.objective.name=rflow
 (rectified flow, Euler 30, L1 on the velocity, with the same skip preconditioning).
 Real-subject counterfactuals from a trained demo: --mode=sample --config.sample.source=scan.nii.gz
@@ -12,7 +13,7 @@ Real-subject counterfactuals from a trained demo: --mode=sample --config.sample.
 
 from cf3d_jax.config_base import apply_dataset, base_config, parse_variants
 
-VARIANTS = ("smoke", "adni", "long")
+VARIANTS = ("smoke", "adni", "long", "showcase")
 
 
 def get_config(arg: str | None = None):
@@ -75,6 +76,12 @@ def get_config(arg: str | None = None):
   if "long" in variants:
     config.train.num_steps = 2400
     config.train.checkpoint_every = 600
+  if "showcase" in variants:
+    # The demo trained 5× longer (constant rate: its step-900 checkpoint is the demo's). The
+    # training curve (python -m cf3d_jax.curve, docs/results.md) evaluates every 900 steps.
+    config.train.num_steps = 4500
+    config.train.checkpoint_every = 900
+    config.sample.guidance_scales = (1.0, 3.0, 7.0, 15.0)
   if "smoke" in variants:
     config.data.shape = (16, 16, 16)
     config.data.num_subjects = 12
