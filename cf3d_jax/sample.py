@@ -193,7 +193,7 @@ def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> 
 
 def _restore(config, workdir: str) -> dict:
   """Everything sampling needs: data meta, the table, the model family and restored params."""
-  config_base.validate(config)
+  config_base.validate(config, "sample")
   paths = data_paths(workdir)
   index = records.load_index(paths["records"])
   table = load_table(paths["table"])

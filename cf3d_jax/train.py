@@ -125,6 +125,9 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: State, step: int 
   step = mngr.latest_step() if step is None or step < 0 else step
   if step is None:
     raise DataError(f"{mngr.directory}: no checkpoint to restore; train first")
+  if step not in mngr.all_steps():
+    raise DataError(f"{mngr.directory}: no checkpoint at step {step} (config.sample."
+                    f"checkpoint_step); saved steps: {sorted(mngr.all_steps())} (-1 = latest)")
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -228,7 +231,7 @@ def _make_dataset(records_dir: str, index, table, config, mesh, rules) -> tuple[
 def train_and_evaluate(config, workdir: str) -> State:
   """Trains to `config.train.num_steps`, resuming from `workdir/checkpoints` if present."""
   # ---- config and logging ------------------------------------------------------------------
-  config_base.validate(config)
+  config_base.validate(config, "train")
   from clu import metric_writers, periodic_actions
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0)

@@ -1,0 +1,122 @@
+"""Reliability (issue 14): values that would destroy work fail validation before anything is
+written, a given path is never ignored, and input problems are one line with exit status 2."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from cf3d_jax import config_base
+from cf3d_jax.errors import ConfigError, DataError
+from conftest import load_config, run_cli
+
+
+# ---- item 4: range checks for every key, in one pass before any mode writes ------------------
+BAD_VALUES = [
+    ("train.max_to_keep", 0), ("train.log_every", 0), ("train.checkpoint_every", 0),
+    ("train.learning_rate", -1e-4), ("objective.beta_end", 1.5), ("space.lll_scale", 0.0),
+    ("sample.batch_size", 0), ("eval.guidance_scales", ()), ("seed", -1),
+    ("data.fov_mm", -192.0), ("train.batch_size", 0), ("train.grad_clip_norm", -1.0),
+    ("objective.num_train_steps", 0), ("sample.guidance_scales", ()), ("data.shape", (16, 16)),
+    ("model.dropout", 1.0), ("classifier.eval_every", 0), ("autoencoder.max_to_keep", 0),
+    ("mesh.shape", (0, 1, 1)), ("objective.sampler", "dpm"), ("train.learning_rate", float("nan")),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_VALUES)
+def test_value_out_of_range_is_a_config_error_naming_the_key(key, value):
+  c = load_config()
+  section, _, name = key.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ConfigError, match=f"config.{key}="):
+    config_base.validate(c)
+
+
+def test_every_key_has_a_range_and_the_reference_shows_it():
+  c = config_base.base_config()
+  leaves = {".".join(k) for k in config_base._leaf_paths(c)}
+  assert leaves == set(config_base.RANGES)
+  assert "| `train.max_to_keep` | `3` | checkpoints kept | an int >= 1 |" in \
+      config_base.reference_markdown()
+
+
+def test_all_problems_are_listed_at_once():
+  c = load_config()
+  c.train.log_every, c.seed = 0, -3
+  with pytest.raises(ConfigError) as e:
+    config_base.validate(c)
+  assert "config.seed=-3" in str(e.value) and "config.train.log_every=0" in str(e.value)
+
+
+def test_unet_grid_is_checked_for_the_diffusion_modes():
+  c = load_config()
+  c.data.shape = (20, 20, 20)              # 10³ subbands: not divisible by 2**2 levels
+  config_base.validate(c)                  # fine for prepare / the autoencoder's modes
+  with pytest.raises(ConfigError, match=r"config.data.shape=\(20, 20, 20\).*divisible by 8"):
+    config_base.validate(c, "all")
+
+
+def test_preflight_writes_nothing(tmp_path):
+  from cf3d_jax.modes import run
+  c = load_config()
+  c.data.shape = (20, 20, 20)
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="data.shape"):
+    run(c, str(workdir), "all")
+  c = load_config()
+  c.mesh.shape = (2, 1, 1)                  # one CPU device here
+  with pytest.raises(ConfigError, match="mesh.shape"):
+    run(c, str(workdir), "train")
+  assert not workdir.exists()
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(ConfigError, match="is a file"):
+    run(load_config(), str(afile), "prepare")
+
+
+# ---- item 2: a manifest path is never ignored -------------------------------------------------
+def test_manifest_without_manifest_source_is_an_error():
+  c = load_config()
+  c.data.manifest = "scans.csv"
+  with pytest.raises(ConfigError, match="data.manifest='scans.csv'.*data.source=manifest"):
+    config_base.validate(c)
+
+
+# ---- item 8: one line, exit 2 ------------------------------------------------------------------
+def test_missing_checkpoint_step_names_the_saved_steps():
+  from cf3d_jax.train import restore_state
+
+  class Manager:
+    directory = "/w/checkpoints"
+    def latest_step(self):
+      return 4
+    def all_steps(self):
+      return [2, 4]
+
+  with pytest.raises(DataError, match=r"no checkpoint at step 3.*saved steps: \[2, 4\]"):
+    restore_state(Manager(), {}, step=3)
+
+
+def test_os_errors_are_one_line_naming_the_file():
+  from cf3d_jax.main import os_error_message
+  full = os_error_message(OSError(errno.ENOSPC, "No space left on device", "/w/ckpt"))
+  assert full.startswith("/w/ckpt: no space left") and "\n" not in full
+
+
+def test_cli_input_problems_are_one_line_exit_2(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for args, words in [
+      (["--config.train.num_step=3"], ["num_step", "num_steps"]),
+      (["--config.train.max_to_keep=0"], ["config.train.max_to_keep=0", ">= 1"]),
+      (["--config.data.manifest=scans.csv"], ["data.source=manifest"])]:
+    proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={tmp_path / 'w'}", *args])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert all(w in lines[0] for w in words), lines[0]
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={afile}", "--mode=prepare"])
+  assert proc.returncode == 2 and "is a file" in proc.stderr
+  assert not os.path.exists(tmp_path / "w")
