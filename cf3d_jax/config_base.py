@@ -155,6 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5000
   c.train.max_to_keep = 3
   c.train.init_from = ""                      # converted U-Net folder (convert wdm-unet) to start from; new attention / extra middle blocks keep their (identity) init
+  c.train.allow_config_change = ()           # keys allowed to differ from the workdir's recorded config (e.g. ('train.learning_rate',) to fine-tune); shape keys never
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ("Subject has minimal lesion load.", "Subject has moderate lesion load.",
@@ -457,7 +458,7 @@ RANGES: dict[str, Rule] = {
     "objective.shift_scale": _POS,
     "train.num_steps": _POS_INT,
     "train.batch_size": _POS_INT,
-    "train.learning_rate": _POS,
+    "train.learning_rate": _NONNEG,
     "train.warmup_steps": _NONNEG_INT,
     "train.weight_decay": _NONNEG,
     "train.grad_clip_norm": _NONNEG,
@@ -466,6 +467,7 @@ RANGES: dict[str, Rule] = {
     "train.checkpoint_every": _POS_INT,
     "train.max_to_keep": _POS_INT,
     "train.init_from": _TEXT,
+    "train.allow_config_change": _seq(_NONEMPTY_TEXT),
     "sample.prompts": _seq(_NONEMPTY_TEXT, min_len=1),
     "sample.guidance_scales": _seq(_NONNEG, min_len=1),
     "sample.guidance_interval": _seq(_num(0, 1), length=2),
@@ -506,6 +508,14 @@ RANGES: dict[str, Rule] = {
 def _check(cond: bool, key: str, value, expected: str) -> None:
   if not cond:
     raise ConfigError(f"config.{key}={value!r}: expected {expected}")
+
+
+def _has_key(c: ml_collections.ConfigDict, dotted: str) -> bool:
+  try:
+    _get(c, dotted)
+  except (KeyError, AttributeError, TypeError):
+    return False
+  return True
 
 
 def check_ranges(c: ml_collections.ConfigDict) -> None:
@@ -557,6 +567,9 @@ def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
   lo, hi = c.data.phantom.lesion_radius_mm
   _check(lo <= hi, "data.phantom.lesion_radius_mm", c.data.phantom.lesion_radius_mm,
          "(lo, hi), lo <= hi")
+  unknown = [k for k in c.train.allow_config_change if not _has_key(c, k)]
+  _check(not unknown, "train.allow_config_change", tuple(c.train.allow_config_change),
+         f"dotted config keys (unknown: {unknown})")
   if c.space.name == "latent":
     _check(c.model.out_channels == c.space.latent_channels, "model.out_channels",
            c.model.out_channels, f"= space.latent_channels ({c.space.latent_channels})")

@@ -48,8 +48,8 @@ from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
 from cf3d_jax.spaces import placed
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import load_table
-from cf3d_jax.train import abstract_state, build_components, checkpoint_manager, \
-    make_optimizer, restore_state
+from cf3d_jax.train import abstract_state, build_components, check_checkpoint_config, \
+    checkpoint_manager, make_optimizer, restore_state
 
 SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
 
@@ -206,6 +206,7 @@ def _restore(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.mesh.shape)
   parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
   mngr = checkpoint_manager(workdir, config.train)
+  check_checkpoint_config(config, mngr, config.sample.checkpoint_step, ("model",))
   # Restored straight onto the mesh (FSDP by config.mesh.rules), whatever mesh trained it.
   state = restore_state(mngr, abstract_state(model, make_optimizer(config.train), config,
                                              table.embeddings.shape[1:], mesh),

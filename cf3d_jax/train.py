@@ -27,7 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cf3d_jax import config_base, parallel
+from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import Cf3dError, DataError
@@ -134,6 +134,32 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: State, step: int 
   return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def checkpoint_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON `meta` item of checkpoint `step` (step, seed and, since fingerprints, `config`)."""
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_checkpoint_config(config, mngr: ocp.CheckpointManager, step: int | None,
+                            groups=("model",), more=(), where: str | None = None) -> None:
+  """ConfigError listing the keys of `groups` (`fingerprint`) that differ between `config` and
+  the config checkpoint `step` (default latest) was trained with, and the differences `more`
+  found in the prepared data; `where` names the workdir in the message."""
+  step = mngr.latest_step() if step is None or step < 0 else step
+  stored = {}
+  if step is not None and step in mngr.all_steps():
+    stored = checkpoint_meta(mngr, step).get("config")
+    where = where or os.path.join(str(mngr.directory), str(step))
+  fingerprint.check(stored, config, groups, where or str(mngr.directory), more)
+
+
+def data_config_differences(config, index: dict) -> list:
+  """(key, old, new) where the prepared records' recorded data keys differ from `config`."""
+  stored = index.get("meta", {}).get("config")
+  if stored is None:
+    return []
+  return fingerprint.differences(stored, config, fingerprint.keys_for(config, "data"))
+
+
 def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
   """(model, objective, space) named by the config; `workdir` and `load_autoencoder` are passed
   to `spaces.make_space` (the latent space's recorded scale factor and its VAE)."""
@@ -232,6 +258,13 @@ def train_and_evaluate(config, workdir: str) -> State:
   """Trains to `config.train.num_steps`, resuming from `workdir/checkpoints` if present."""
   # ---- config and logging ------------------------------------------------------------------
   config_base.validate(config, "train")
+  # ---- the workdir holds this config's data and checkpoints (else one error, nothing run) ----
+  paths = data_paths(workdir)
+  mngr = checkpoint_manager(workdir, config.train)
+  prepared = os.path.join(paths["records"], records.INDEX_NAME)
+  check_checkpoint_config(config, mngr, None, ("model", "recipe"), where=workdir,
+                          more=data_config_differences(config, records.load_index(
+                              paths["records"])) if os.path.exists(prepared) else ())
   from clu import metric_writers, periodic_actions
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0)
@@ -240,7 +273,6 @@ def train_and_evaluate(config, workdir: str) -> State:
   rules = parallel.rules_from_config(config.mesh)
   parallel.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
   parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
-  paths = data_paths(workdir)
   records_dir = records_dir_for(config, workdir)
   index = records.load_index(records_dir)
   table = load_table(paths["table"])
@@ -268,7 +300,6 @@ def train_and_evaluate(config, workdir: str) -> State:
   state = init_fn.lower(init_key).compile(
       compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(init_key)
   # ---- resume, or start from a pretrained U-Net ---------------------------------------------
-  mngr = checkpoint_manager(workdir, config.train)
   if mngr.latest_step() is None and config.train.init_from:
     params = params_from_pretrained(state["params"], config.train.init_from)
     state = {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
@@ -306,7 +337,8 @@ def train_and_evaluate(config, workdir: str) -> State:
       mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(data_iter),
-          meta=ocp.args.JsonSave({"step": step, "seed": config.seed})))
+          meta=ocp.args.JsonSave({"step": step, "seed": config.seed,
+                                  "config": fingerprint.record(config, "model", "recipe")})))
   mngr.wait_until_finished()
   writer.flush()
   return state

@@ -120,3 +120,66 @@ def test_cli_input_problems_are_one_line_exit_2(tmp_path):
   proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={afile}", "--mode=prepare"])
   assert proc.returncode == 2 and "is a file" in proc.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+# ---- item 1: a workdir never mixes configs --------------------------------------------------
+def test_prepare_refuses_records_made_with_other_data_keys(workdir_with_data):
+  from cf3d_jax.data.prepare import prepare
+  c = load_config()
+  prepare(c, workdir_with_data)                          # same config: reused
+  c.data.fov_mm, c.text.table = 150.0, "builtin:adni_minilm"
+  with pytest.raises(ConfigError) as e:
+    prepare(c, workdir_with_data)
+  assert "data.fov_mm: 192.0 → 150.0" in str(e.value)
+  assert "text.table: 'builtin:ms_minilm' → 'builtin:adni_minilm'" in str(e.value)
+  assert "allow_config_change" in str(e.value)
+  c = load_config()
+  c.data.shape = (32, 32, 32)
+  c.train.allow_config_change = ("data.shape",)
+  with pytest.raises(ConfigError, match=r"data.shape: \[16, 16, 16\] → \[32, 32, 32\].*cannot"):
+    prepare(c, workdir_with_data)
+  c = load_config()
+  c.seed = 5
+  c.train.allow_config_change = ("seed",)
+  prepare(c, workdir_with_data)                          # allowed explicitly: the old records
+
+
+def _checkpoint(workdir, config, step=4):
+  import orbax.checkpoint as ocp
+  import numpy as np
+  from cf3d_jax import fingerprint
+  from cf3d_jax.train import checkpoint_manager
+  mngr = checkpoint_manager(workdir, config.train)
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"step": np.int32(step)}),
+      meta=ocp.args.JsonSave({"step": step, "seed": config.seed,
+                              "config": fingerprint.record(config, "model", "recipe")})))
+  mngr.wait_until_finished()
+  return mngr
+
+
+def test_resume_and_sample_refuse_a_checkpoint_of_another_config(tmp_path):
+  from cf3d_jax.train import check_checkpoint_config
+  c = load_config()
+  mngr = _checkpoint(str(tmp_path), c)
+  check_checkpoint_config(c, mngr, None, ("model", "recipe"))
+  c.objective.name, c.train.learning_rate, c.seed = "rflow", 0.5, 7
+  with pytest.raises(ConfigError) as e:
+    check_checkpoint_config(c, mngr, None, ("model", "recipe"), where="runs/x")
+  message = str(e.value)
+  assert message.startswith("runs/x was made with another config:")
+  for part in ("objective.name: 'ddpm' → 'rflow'", "train.learning_rate: 0.002 → 0.5",
+               "seed: 0 → 7"):
+    assert part in message
+  with pytest.raises(ConfigError, match="objective.name"):   # sampling: the wrong sampler
+    check_checkpoint_config(c, mngr, -1, ("model",))
+  c.train.allow_config_change = ("train.learning_rate", "seed", "objective.name")
+  check_checkpoint_config(c, mngr, None, ("model", "recipe"))  # fine-tuning, explicitly
+  c = load_config()
+  c.model.base_channels = 16
+  c.train.allow_config_change = ("model.base_channels",)
+  with pytest.raises(ConfigError, match=r"model.base_channels: 8 → 16.*cannot be allowed"):
+    check_checkpoint_config(c, mngr, None, ("model",))
+  c.train.allow_config_change = ("model.no_such_key",)
+  with pytest.raises(ConfigError, match="train.allow_config_change"):
+    config_base.validate(c)
