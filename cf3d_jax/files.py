@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterator
+
+from cf3d_jax.errors import DataError
 
 
 def _umask() -> int:
@@ -70,3 +73,30 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   with atomic_path(path) as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
       f.write(text)
+
+
+def slug(text: str) -> str:
+  """File-name-safe form of a text (prompt, subject id): lower-case letters, digits and '-'.
+  'Subject has high lesion load.' → 'subject-has-high-lesion-load'; '' → 'null'."""
+  return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "null"
+
+
+def unique_slug(text: str, used: set[str]) -> str:
+  """`slug(text)`, with '-2', '-3', … appended until it is not in `used`; adds it to `used`."""
+  base = slug(text)
+  name, n = base, 1
+  while name in used:
+    n += 1
+    name = f"{base}-{n}"
+  used.add(name)
+  return name
+
+
+def check_inside(path: str | os.PathLike, folder: str | os.PathLike) -> str:
+  """`path` if its real path lies inside `folder`'s real path; DataError naming both if not
+  (symlinks and '..' resolved), so no output escapes its folder."""
+  real, root = os.path.realpath(path), os.path.realpath(folder)
+  if os.path.commonpath([real, root]) != root or real == root:
+    raise DataError(f"{path}: resolves to {real}, outside the output folder {root}; refusing "
+                    "to write there")
+  return os.fspath(path)

@@ -29,7 +29,6 @@ import csv
 import glob
 import json
 import os
-import re
 from typing import Sequence
 
 import jax
@@ -41,7 +40,7 @@ from cf3d_jax import config_base, parallel
 from cf3d_jax.data import nifti, phantoms, records
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
-from cf3d_jax.files import atomic_path, write_text
+from cf3d_jax.files import atomic_path, slug, write_text
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
@@ -52,11 +51,6 @@ from cf3d_jax.train import abstract_state, build_components, check_checkpoint_co
     checkpoint_manager, make_optimizer, restore_state
 
 SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
-
-
-def slug(prompt: str) -> str:
-  """File-name-safe form of a prompt: 'Subject has high lesion load.' → 'subject-has-high-lesion-load'."""
-  return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-") or "null"
 
 
 def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:

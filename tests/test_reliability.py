@@ -183,3 +183,37 @@ def test_resume_and_sample_refuse_a_checkpoint_of_another_config(tmp_path):
   c.train.allow_config_change = ("model.no_such_key",)
   with pytest.raises(ConfigError, match="train.allow_config_change"):
     config_base.validate(c)
+
+
+# ---- item 3: nothing is written outside the output folder ------------------------------------
+def test_manifest_rejects_ids_that_act_as_paths(tmp_path):
+  from cf3d_jax.data.ingest import read_manifest
+  for bad in ("../../escaped", "/tmp/x/abs", "a\\b", "..", "~root"):
+    path = tmp_path / "m.csv"
+    path.write_text(f"path,subject_id,lesion_volume_ml\nscan.nii.gz,{bad},3\n")
+    with pytest.raises(DataError, match=r"m.csv row 2: subject_id"):
+      read_manifest(str(path), "ms")
+  path.write_text("path,subject_id,lesion_volume_ml\na.nii.gz,s1,3\nb.nii.gz,../s2,30\n")
+  rows = read_manifest(str(path), "ms", collect_errors=True)    # skip mode: the row is skipped
+  assert "error" not in rows[0] and "subject_id '../s2'" in rows[1]["error"]
+
+
+def test_export_names_files_by_slug_inside_the_output_folder(tmp_path):
+  import csv
+  import numpy as np
+  from cf3d_jax.data import records
+  from cf3d_jax.data.export import export_split
+  from cf3d_jax.files import check_inside
+  ids = ["../../escaped", "/tmp/x/abs", "dup", "dup"]          # e.g. data prepared before the checks
+  recs = [{"volume": np.zeros((4, 4, 4, 1), np.float32), "affine": np.eye(4), "subject_id": s,
+           "label": i % 3, "clinical_value": float(i)} for i, s in enumerate(ids)]
+  data_dir = str(tmp_path / "data")
+  records.write_dataset(data_dir, recs, 8, {"dataset": "ms", "shape": [4, 4, 4]})
+  out = tmp_path / "deep" / "out"
+  csv_path = export_split(data_dir, "train", str(out), fractions=(1.0, 0.0, 0.0))
+  rows = list(csv.DictReader(open(csv_path)))
+  assert len(rows) == 4 and len({r["path"] for r in rows}) == 4    # no file overwritten
+  assert sorted(os.listdir(out)) == sorted([r["path"] for r in rows] + ["sources.csv"])
+  assert not (tmp_path / "escaped.nii.gz").exists() and not os.path.exists("/tmp/x/abs.nii.gz")
+  with pytest.raises(DataError, match="outside the output folder"):
+    check_inside(str(out / ".." / "x.nii.gz"), str(out))

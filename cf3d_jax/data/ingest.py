@@ -45,13 +45,24 @@ FORMAT_VERSION = 1          # bump when the record content changes: invalidates 
 MAX_AUTO_WORKERS = 16       # data.prepare_workers = -1 → min(os.cpu_count(), this)
 
 
+def check_subject_id(subject_id: str) -> str:
+  """`subject_id` if it can never act as a path (it names exported files): DataError for '/',
+  '\\', '..', '.' alone, a leading '~', NUL or other control characters."""
+  bad = ("/" in subject_id or "\\" in subject_id or ".." in subject_id or subject_id == "."
+         or subject_id.startswith("~") or any(ord(ch) < 32 for ch in subject_id))
+  if bad:
+    raise DataError(f"subject_id {subject_id!r}: must not contain '/', '\\', '..', a leading "
+                    "'~' or control characters (NUL included); use letters, digits, '-', '_'")
+  return subject_id
+
+
 def read_manifest(path: str, dataset: str, collect_errors: bool = False) -> list[dict]:
   """Rows of the manifest CSV with `label` and `clinical_value` added.
 
   Required columns: path, subject_id, and lesion_volume_ml (ms) or diagnosis (adni). Relative
   paths are relative to the CSV's folder. Problems with the whole file (missing, not UTF-8, no
   rows, a missing column) always raise DataError naming the file. A bad row (empty path or
-  subject, lesion volume not a number ≥ 0, unknown diagnosis) raises DataError naming the file
+  subject, a subject_id that could act as a path (`check_subject_id`), lesion volume not a number ≥ 0, unknown diagnosis) raises DataError naming the file
   and the row (1-based, header = 1), or with `collect_errors` is returned with an `error` key.
   """
   if not os.path.exists(path):
@@ -79,6 +90,7 @@ def read_manifest(path: str, dataset: str, collect_errors: bool = False) -> list
     try:
       if not scan or not item["subject_id"]:
         raise DataError("empty path or subject_id")
+      check_subject_id(item["subject_id"])
       if dataset == "ms":
         cls = prompt_lib.lesion_class((row["lesion_volume_ml"] or "").strip())
         value = float(row["lesion_volume_ml"])
