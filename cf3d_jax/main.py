@@ -20,7 +20,7 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-from cf3d_jax.errors import Cf3dError
+from cf3d_jax.errors import Cf3dError, Preempted
 from cf3d_jax.modes import MODES, run
 
 
@@ -120,6 +120,9 @@ def main(argv):
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, _ON_ERROR.value)
   except Cf3dError as e:
     _fail(str(e), verbose)
+  except Preempted as e:
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(143)                       # 128 + SIGTERM: the scheduler's convention
   except OSError as e:
     _fail(os_error_message(e), verbose)
 

@@ -7,6 +7,7 @@ and `WORKDIR/autoencoder/vae` does not exist yet) → prepare_latents → train 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 MODES = ("prepare", "train_autoencoder", "prepare_latents", "train", "sample", "all",
@@ -51,6 +52,16 @@ def preflight(config, workdir: str, mode: str) -> None:
 def run(config, workdir: str, mode: str, on_error: str = "fail") -> None:
   """Dispatches one mode (importing heavy modules only when needed)."""
   preflight(config, workdir, mode)
+  import jax
+  from cf3d_jax.files import workdir_lock
+  # One job per workdir: process 0 holds WORKDIR/.lock (the other hosts of a job share it).
+  lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    _run_modes(config, workdir, mode, on_error)
+
+
+def _run_modes(config, workdir: str, mode: str, on_error: str) -> None:
+  """The modes' jobs in order (after `preflight`, under the workdir lock)."""
   latent = config.space.name == "latent"
   if mode in ("prepare", "all"):
     from cf3d_jax.data.prepare import prepare

@@ -13,11 +13,15 @@ process 0 writes summaries.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import shutil
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -30,7 +34,7 @@ from absl import logging
 from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.prepare import data_paths
-from cf3d_jax.errors import Cf3dError, DataError
+from cf3d_jax.errors import Cf3dError, DataError, Preempted
 from cf3d_jax.models import unet as unet_lib
 from cf3d_jax.objectives import make_objective
 from cf3d_jax.spaces import make_space, placed
@@ -112,7 +116,20 @@ def params_from_pretrained(params, path: str):
   return wdm_unet.merge_pretrained(params, pretrained, source=path, allow_new=allow_new)
 
 
+def remove_unfinished_saves(folder: str) -> list[str]:
+  """Deletes orbax's `STEP.orbax-checkpoint-tmp*` folders (saves killed before they committed)
+  in `folder` (process 0 only; the workdir lock keeps other jobs out); returns their names."""
+  if jax.process_index() != 0 or not os.path.isdir(folder):
+    return []
+  names = sorted(n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n)
+  for name in names:
+    logging.warning("removing an unfinished checkpoint save: %s", os.path.join(folder, name))
+    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+  return names
+
+
 def checkpoint_manager(workdir: str, train_config) -> ocp.CheckpointManager:
+  remove_unfinished_saves(os.path.join(workdir, "checkpoints"))
   options = ocp.CheckpointManagerOptions(max_to_keep=train_config.max_to_keep,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -158,6 +175,44 @@ def data_config_differences(config, index: dict) -> list:
   if stored is None:
     return []
   return fingerprint.differences(stored, config, fingerprint.keys_for(config, "data"))
+
+
+@contextlib.contextmanager
+def preemption_signal() -> Iterator[Callable[[], bool]]:
+  """Within the block SIGTERM (SLURM, TPU preemption) does not kill the process: it sets a flag
+  that the yielded function reads, so the loop can save and stop. Restores the old handler."""
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    # Signal handlers live in the main thread; on several hosts a SIGTERM seen by some of them
+    # would make them save alone (orbax saves are collective): keep the periodic checkpoints.
+    yield lambda: False
+    return
+  got = []
+  old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+  try:
+    yield lambda: bool(got)
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+@jax.jit
+def track_finite(finite: jax.Array, metrics: dict[str, jax.Array]) -> jax.Array:
+  """`finite` and-ed with this step's loss and gradient norm being finite (on device)."""
+  return finite & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+
+def check_finite(finite: jax.Array, metrics: dict[str, jax.Array], step: int,
+                 last_good: int | None) -> None:
+  """Cf3dError if a loss or gradient norm since the last save was NaN/Inf (`track_finite`),
+  naming the last good checkpoint; nothing is saved after it."""
+  if bool(jax.device_get(finite)):
+    return
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  resume = (f"the last good checkpoint is step {last_good} (a resume starts there)"
+            if last_good is not None else "no checkpoint was saved (a rerun starts over)")
+  raise Cf3dError(f"training diverged by step {step} (loss {values['loss']}, grad norm "
+                  f"{values['grad_norm']}; non-finite since the last check): not saved; "
+                  f"{resume}. Lower config.train.learning_rate or enable "
+                  "config.train.grad_clip_norm")
 
 
 def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
@@ -317,28 +372,39 @@ def train_and_evaluate(config, workdir: str) -> State:
   if step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "sample"})
   t0, in_flight = time.time(), None
-  while step < config.train.num_steps:
-    with parallel.activation_context(mesh, rules):
-      state, metrics = step_fn(state, next(batches), step_key)
-    if in_flight is not None:   # at most two steps in flight: bounded memory, honest timing
-      jax.block_until_ready(in_flight)
-    in_flight = metrics["loss"]
-    step += 1
-    report(step, time.time())
-    if step % config.train.log_every == 0 or step == config.train.num_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(values["loss"]):
-        raise Cf3dError(f"training diverged at step {step}: loss {values['loss']}; lower "
-                        "config.train.learning_rate or enable config.train.grad_clip_norm")
-      values["steps_per_sec"] = config.train.log_every / max(time.time() - t0, 1e-9)
-      writer.write_scalars(step, values)
-      t0 = time.time()
-    if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iter),
-          meta=ocp.args.JsonSave({"step": step, "seed": config.seed,
-                                  "config": fingerprint.record(config, "model", "recipe")})))
+  finite = jnp.ones((), bool)           # on device: every loss and grad norm since the last save
+  last_good = mngr.latest_step()
+  with preemption_signal() as preempted:
+    while step < config.train.num_steps:
+      with parallel.activation_context(mesh, rules):
+        state, metrics = step_fn(state, next(batches), step_key)
+      if in_flight is not None:   # at most two steps in flight: bounded memory, honest timing
+        jax.block_until_ready(in_flight)
+      in_flight = metrics["loss"]
+      finite = track_finite(finite, metrics)
+      step += 1
+      report(step, time.time())
+      if step % config.train.log_every == 0 or step == config.train.num_steps:
+        check_finite(finite, metrics, step, last_good)
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values["steps_per_sec"] = config.train.log_every / max(time.time() - t0, 1e-9)
+        writer.write_scalars(step, values)
+        t0 = time.time()
+      stop = preempted()
+      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop:
+        check_finite(finite, metrics, step, last_good)      # never save a non-finite state
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave({"step": step, "seed": config.seed,
+                                    "config": fingerprint.record(config, "model", "recipe")})),
+            force=stop)
+        last_good = step
+      if stop:
+        mngr.wait_until_finished()
+        writer.flush()
+        raise Preempted(f"stopped by SIGTERM at step {step}: checkpoint {step} saved in "
+                        f"{mngr.directory}; rerun the same command to resume from it")
   mngr.wait_until_finished()
   writer.flush()
   return state

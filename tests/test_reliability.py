@@ -217,3 +217,79 @@ def test_export_names_files_by_slug_inside_the_output_folder(tmp_path):
   assert not (tmp_path / "escaped.nii.gz").exists() and not os.path.exists("/tmp/x/abs.nii.gz")
   with pytest.raises(DataError, match="outside the output folder"):
     check_inside(str(out / ".." / "x.nii.gz"), str(out))
+
+
+# ---- item 6: NaN never reaches a checkpoint -----------------------------------------------------
+def test_non_finite_grad_norm_at_a_save_step_is_refused_naming_the_last_good_step():
+  import jax.numpy as jnp
+  from cf3d_jax.errors import Cf3dError
+  from cf3d_jax.train import check_finite, track_finite
+  ok = jnp.ones((), bool)
+  good = {"loss": jnp.float32(0.3), "grad_norm": jnp.float32(1.0)}
+  ok = track_finite(ok, good)
+  check_finite(ok, good, 100, 0)
+  # A NaN between two checks is remembered on device, even if later metrics are finite.
+  bad = {"loss": jnp.float32(0.3), "grad_norm": jnp.float32(jnp.nan)}
+  ok = track_finite(track_finite(ok, bad), good)
+  with pytest.raises(Cf3dError, match=r"diverged by step 200.*last good checkpoint is step 100"):
+    check_finite(ok, good, 200, 100)
+
+
+# ---- item 7: one job per workdir; SIGTERM saves and stops ----------------------------------------
+def test_workdir_lock_names_the_holder_and_dies_with_it(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  from cf3d_jax.files import workdir_lock
+  with workdir_lock(tmp_path):
+    with pytest.raises(ConfigError, match=rf"in use by pid {os.getpid()} on host"):
+      with workdir_lock(tmp_path):
+        pass
+  with workdir_lock(tmp_path):                      # released: taken again
+    pass
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from cf3d_jax.files import workdir_lock\n"
+       "with workdir_lock(sys.argv[1]):\n  print('held', flush=True); time.sleep(60)",
+       str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__) + "/..")
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(ConfigError, match=rf"pid {holder.pid}"):
+    with workdir_lock(tmp_path):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir_lock(tmp_path):                      # kill -9 leaves no stale lock
+    pass
+
+
+def test_sigterm_sets_the_stop_flag_instead_of_killing():
+  import signal
+  from cf3d_jax.train import preemption_signal
+  before = signal.getsignal(signal.SIGTERM)
+  with preemption_signal() as stop:
+    assert not stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop()
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ---- item 9: debris of killed writes is recovered or removed -------------------------------------
+def test_atomic_dir_recovers_a_kill_between_its_renames(tmp_path):
+  from cf3d_jax.files import atomic_dir
+  target = tmp_path / "records"
+  (tmp_path / ".tmp-records-abc.old").mkdir()          # killed after `path → .old`
+  (tmp_path / ".tmp-records-abc.old" / "dataset.json").write_text("old")
+  with atomic_dir(target) as tmp:
+    assert (target / "dataset.json").read_text() == "old"   # the old folder is back first
+    open(os.path.join(tmp, "dataset.json"), "w").write("new")
+  assert (target / "dataset.json").read_text() == "new"
+  assert sorted(os.listdir(tmp_path)) == ["records"]
+
+
+def test_unfinished_orbax_saves_are_removed(tmp_path):
+  from cf3d_jax.train import remove_unfinished_saves
+  folder = tmp_path / "checkpoints"
+  (folder / "4").mkdir(parents=True)
+  (folder / "6.orbax-checkpoint-tmp-1733").mkdir()
+  assert remove_unfinished_saves(str(folder)) == ["6.orbax-checkpoint-tmp-1733"]
+  assert os.listdir(folder) == ["4"]
