@@ -293,3 +293,30 @@ def test_unfinished_orbax_saves_are_removed(tmp_path):
   (folder / "6.orbax-checkpoint-tmp-1733").mkdir()
   assert remove_unfinished_saves(str(folder)) == ["6.orbax-checkpoint-tmp-1733"]
   assert os.listdir(folder) == ["4"]
+
+
+# ---- item 5: a size cap from the header; any per-row failure is a recorded skip ------------------
+def test_scan_header_is_checked_before_reading(tmp_path):
+  import nibabel as nib
+  import numpy as np
+  from cf3d_jax.data import nifti
+  path = str(tmp_path / "big.nii.gz")
+  nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), path)
+  with pytest.raises(DataError, match=r"big.nii.gz: header claims shape \(20, 20, 20\).*max_scan_gb"):
+    nifti.load_volume(path, max_bytes=20 ** 3 * 4 - 1)
+  assert nifti.load_volume(path, max_bytes=20 ** 3 * 4)[0].shape == (20, 20, 20)
+  path = str(tmp_path / "complex.nii.gz")
+  nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)), path)
+  with pytest.raises(DataError, match="complex voxels"):
+    nifti.load_volume(path)
+
+
+def test_memory_error_while_conforming_becomes_a_row_error(monkeypatch):
+  from cf3d_jax.data import ingest
+
+  def boom(*args):
+    raise MemoryError("cannot allocate 1.13 GB")
+
+  monkeypatch.setattr(ingest, "conform_scan", boom)
+  result = ingest._try_conform({"path": "x.nii.gz", "row": 3}, (16,) * 3, 48.0, (0.5, 99.5))
+  assert isinstance(result, DataError) and "x.nii.gz: MemoryError" in str(result)
