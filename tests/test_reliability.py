@@ -320,3 +320,20 @@ def test_memory_error_while_conforming_becomes_a_row_error(monkeypatch):
   monkeypatch.setattr(ingest, "conform_scan", boom)
   result = ingest._try_conform({"path": "x.nii.gz", "row": 3}, (16,) * 3, 48.0, (0.5, 99.5))
   assert isinstance(result, DataError) and "x.nii.gz: MemoryError" in str(result)
+
+
+def test_tpu_pod_launcher_quotes_config_and_workdir(tmp_path):
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "gcloud").write_text('#!/usr/bin/env bash\nfor a in "$@"; do case "$a" in '
+                               '--command=*) printf "%s" "${a#--command=}";; esac; done\n')
+  (fake / "gcloud").chmod(0o755)
+  env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+  proc = subprocess.run(["bash", os.path.join(root, "launch", "tpu_pod.sh"), "tpu", "zone",
+                         "v5e-8", "configs/demo.py", "w; touch PWNED", "train"],
+                        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=30)
+  assert proc.returncode == 0, proc.stderr
+  command = proc.stdout
+  assert "--workdir=w\\;\\ touch\\ PWNED" in command and "; touch PWNED" not in command
