@@ -7,9 +7,12 @@ checks values the type system cannot (names, ranges, shapes) and raises ConfigEr
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any, Callable
 
 import ml_collections
+import numpy as np
 
 from cf3d_jax.errors import ConfigError
 
@@ -44,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2                         # batches read ahead per process (0 = synchronous)
   c.data.read_threads = 2                     # threads reading ahead in each process (prefetch > 0)
   c.data.prepare_workers = -1                 # prepare: scan-conforming processes; -1 = min(cpus, 16), 0/1 = in-process
+  c.data.max_scan_gb = 1.0                    # prepare: reject a scan whose header claims more (shape × float32), before reading it
   c.data.augment = ml_collections.ConfigDict()  # train-time augmentation, all off by default
   c.data.augment.intensity_scale = 0.0        # s ~ U(1 - a, 1 + a): x ← clip(-1 + s (x + 1) + b, -1, 1)
   c.data.augment.intensity_shift = 0.0        # b ~ U(-a, a) (in units of the [-1, 1] range)
@@ -152,6 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5000
   c.train.max_to_keep = 3
   c.train.init_from = ""                      # converted U-Net folder (convert wdm-unet) to start from; new attention / extra middle blocks keep their (identity) init
+  c.train.allow_config_change = ()           # keys allowed to differ from the workdir's recorded config (e.g. ('train.learning_rate',) to fine-tune); shape keys never
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ("Subject has minimal lesion load.", "Subject has moderate lesion load.",
@@ -287,112 +292,348 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return module.get_config(arg)
 
 
+# ---- the allowed range of every key (validate checks them; docs/configs.md shows them) ------
+# A rule is (predicate on the value, what is expected). Cross-key conditions (lengths that must
+# match, divisibility) are checked in `validate` after every key is in its own range.
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+      and math.isfinite(float(v))
+
+
+def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+         hi_open: bool = False, integer: bool = False) -> Rule:
+  """A finite number (an int with `integer`) in the interval; None = unbounded on that side."""
+  def ok(v) -> bool:
+    if not (_is_int(v) if integer else _is_num(v)):
+      return False
+    return ((lo is None or (v > lo if lo_open else v >= lo))
+            and (hi is None or (v < hi if hi_open else v <= hi)))
+  kind = "an int" if integer else "a number"
+  fmt = (lambda x: f"{x:d}") if integer else (lambda x: f"{x:g}")
+  if lo is not None and hi is not None:
+    text = f"{kind} in {'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
+  elif lo is not None:
+    text = f"{kind} {'>' if lo_open else '>='} {fmt(lo)}"
+  elif hi is not None:
+    text = f"{kind} {'<' if hi_open else '<='} {fmt(hi)}"
+  else:
+    text = kind
+  return ok, text
+
+
+def _one_of(*values) -> Rule:
+  return (lambda v: v in values), "one of " + ", ".join(repr(x) for x in values)
+
+
+def _seq(rule: Rule, min_len: int = 0, length: int | None = None) -> Rule:
+  """A tuple whose every entry satisfies `rule` (and has `length` / at least `min_len` entries)."""
+  def ok(v) -> bool:
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+      return False
+    n = len(v)
+    return (n == length if length is not None else n >= min_len) and all(rule[0](x) for x in v)
+  if length is not None:
+    count = f"{length} entries"
+  else:
+    count = "a tuple" if min_len == 0 else f"at least {min_len} entr{'y' if min_len == 1 else 'ies'}"
+  return ok, f"{count}, each {rule[1]}"
+
+
+_BOOL: Rule = (lambda v: isinstance(v, bool), "True or False")
+_TEXT: Rule = (lambda v: isinstance(v, str), "a string ('' where allowed)")
+_NONEMPTY_TEXT: Rule = (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
+_POS_INT = _num(1, integer=True)
+_NONNEG_INT = _num(0, integer=True)
+_POS = _num(0, lo_open=True)
+_NONNEG = _num(0)
+_FRACTION_OPEN = _num(0, 1, hi_open=True)
+
+RANGES: dict[str, Rule] = {
+    "seed": _num(0, 2 ** 31 - 1, integer=True),
+    "space.name": _one_of("wavelet", "latent"),
+    "space.lll_scale": _POS,
+    "space.autoencoder": _TEXT,
+    "space.latent_channels": _POS_INT,
+    "space.downsample": _POS_INT,
+    "space.scale_factor": _NONNEG,
+    "space.decode_splits": _POS_INT,
+    "space.encode_batch_size": _POS_INT,
+    "data.dataset": _one_of("ms", "adni"),
+    "data.source": _one_of("phantom", "manifest"),
+    "data.manifest": _TEXT,
+    "data.shape": _seq(_POS_INT, length=3),
+    "data.fov_mm": _POS,
+    "data.num_subjects": _POS_INT,
+    "data.class_fractions": _seq(_num(0, 1), min_len=1),
+    "data.split": _seq(_num(0, 1), length=3),
+    "data.class_weighting": _BOOL,
+    "data.records_per_shard": _POS_INT,
+    "data.num_workers": _NONNEG_INT,
+    "data.prefetch": _NONNEG_INT,
+    "data.read_threads": _POS_INT,
+    "data.prepare_workers": _num(-1, integer=True),
+    "data.max_scan_gb": _POS,
+    "data.augment.intensity_scale": _FRACTION_OPEN,
+    "data.augment.intensity_shift": _num(0, 1),
+    "data.augment.flip_axes": _seq(_one_of(0, 1, 2)),
+    "data.intensity_percentiles": _seq(_num(0, 100), length=2),
+    "data.phantom.deform_mm": _NONNEG,
+    "data.phantom.bias_strength": _FRACTION_OPEN,
+    "data.phantom.noise_std": _NONNEG,
+    "data.phantom.lesion_radius_mm": _seq(_POS, length=2),
+    "text.table": _NONEMPTY_TEXT,
+    "text.null_prob": _FRACTION_OPEN,
+    "text.paraphrases": _BOOL,
+    "model.name": _one_of("unet"),
+    "model.out_channels": _POS_INT,
+    "model.base_channels": _POS_INT,
+    "model.channel_mult": _seq(_POS_INT, min_len=1),
+    "model.num_res_blocks": _POS_INT,
+    "model.num_middle_blocks": _NONNEG_INT,
+    "model.attention_levels": _seq(_BOOL),
+    "model.middle_attention": _BOOL,
+    "model.cross_attention_levels": _seq(_BOOL),
+    "model.middle_cross_attention": _BOOL,
+    "model.head_channels": _POS_INT,
+    "model.dropout": _FRACTION_OPEN,
+    "model.dropout_levels": _seq(_BOOL),
+    "model.middle_dropout": _BOOL,
+    "model.num_groups": _POS_INT,
+    "model.resblock_updown": _BOOL,
+    "model.text_time_embedding": _BOOL,
+    "model.scale_shift_norm": _BOOL,
+    "model.conv_impl": _one_of("xla", "im2col"),
+    "model.dtype": _one_of("float32", "bfloat16"),
+    "model.param_dtype": _one_of("float32", "bfloat16"),
+    "model.remat_levels": _seq(_one_of("none", "dots", "full")),
+    "model.middle_remat": _one_of("none", "dots", "full"),
+    "autoencoder.channels": _seq(_POS_INT, min_len=1),
+    "autoencoder.num_res_blocks": _seq(_NONNEG_INT, min_len=1),
+    "autoencoder.latent_channels": _POS_INT,
+    "autoencoder.norm_num_groups": _POS_INT,
+    "autoencoder.remat": _BOOL,
+    "autoencoder.conv_impl": _one_of("xla", "im2col"),
+    "autoencoder.num_steps": _POS_INT,
+    "autoencoder.batch_size": _POS_INT,
+    "autoencoder.learning_rate": _POS,
+    "autoencoder.kl_weight": _NONNEG,
+    "autoencoder.perceptual_weight": _NONNEG,
+    "autoencoder.perceptual_network": _TEXT,
+    "autoencoder.adversarial_weight": _NONNEG,
+    "autoencoder.adversarial_warmup_steps": _NONNEG_INT,
+    "autoencoder.disc_channels": _POS_INT,
+    "autoencoder.disc_layers": _POS_INT,
+    "autoencoder.patch_shape": _seq(_POS_INT),
+    "autoencoder.ema_decay": _FRACTION_OPEN,
+    "autoencoder.log_every": _POS_INT,
+    "autoencoder.checkpoint_every": _POS_INT,
+    "autoencoder.max_to_keep": _POS_INT,
+    "autoencoder.eval_batches": _NONNEG_INT,
+    "autoencoder.eval_shape": _seq(_POS_INT),
+    "objective.name": _one_of("ddpm", "rflow"),
+    "objective.num_train_steps": _POS_INT,
+    "objective.num_sample_steps": _NONNEG_INT,
+    "objective.sampler": _one_of("default", "ddim", "ancestral", "euler", "heun"),
+    "objective.loss": _one_of("default", "mse", "l1"),
+    "objective.preconditioning": _one_of("none", "skip"),
+    "objective.sigma_data": _POS,
+    "objective.loss_weighting": _one_of("none", "edm", "min_snr"),
+    "objective.sigma_data_channels": _seq(_POS),
+    "objective.beta_schedule": _one_of("linear", "scaled_linear"),
+    "objective.beta_start": _num(0, 1, lo_open=True, hi_open=True),
+    "objective.beta_end": _num(0, 1, lo_open=True, hi_open=True),
+    "objective.prediction": _one_of("x0", "eps", "v"),
+    "objective.eta": _num(0, 1),
+    "objective.timestep_spacing": _one_of("leading", "trailing", "linspace"),
+    "objective.ancestral_variance": _one_of("fixed_small", "fixed_large"),
+    "objective.time_sampling": _one_of("uniform", "logit-normal"),
+    "objective.logit_normal": _seq(_num(), length=2),
+    "objective.time_shift": _BOOL,
+    "objective.shift_base_numel": _POS_INT,
+    "objective.shift_scale": _POS,
+    "train.num_steps": _POS_INT,
+    "train.batch_size": _POS_INT,
+    "train.learning_rate": _NONNEG,
+    "train.warmup_steps": _NONNEG_INT,
+    "train.weight_decay": _NONNEG,
+    "train.grad_clip_norm": _NONNEG,
+    "train.ema_decay": _FRACTION_OPEN,
+    "train.log_every": _POS_INT,
+    "train.checkpoint_every": _POS_INT,
+    "train.max_to_keep": _POS_INT,
+    "train.init_from": _TEXT,
+    "train.allow_config_change": _seq(_NONEMPTY_TEXT),
+    "sample.prompts": _seq(_NONEMPTY_TEXT, min_len=1),
+    "sample.guidance_scales": _seq(_NONNEG, min_len=1),
+    "sample.guidance_interval": _seq(_num(0, 1), length=2),
+    "sample.num_subjects": _POS_INT,
+    "sample.batch_size": _POS_INT,
+    "sample.use_ema": _BOOL,
+    "sample.checkpoint_step": _num(-1, integer=True),
+    "sample.source": _TEXT,
+    "sample.source_prompts": _seq(_NONEMPTY_TEXT),
+    "sample.inversion_refine": _NONNEG_INT,
+    "sample.inversion_depth": _num(0, 1, lo_open=True),
+    "sample.edit_mask": _TEXT,
+    "eval.lesion_threshold": _num(-1, 1),
+    "eval.num_per_prompt": _POS_INT,
+    "eval.guidance_scales": _seq(_NONNEG, min_len=1),
+    "eval.batch_size": _POS_INT,
+    "eval.real_split": _one_of("train", "val", "test"),
+    "eval.ms_ssim_kernel": _POS_INT,
+    "eval.ms_ssim_scales": _POS_INT,
+    "eval.diversity_pairs": _NONNEG_INT,
+    "eval.med3d": _TEXT,
+    "eval.classifier": _TEXT,
+    "classifier.num_steps": _POS_INT,
+    "classifier.batch_size": _POS_INT,
+    "classifier.learning_rate": _POS,
+    "classifier.weight_decay": _NONNEG,
+    "classifier.dropout": _FRACTION_OPEN,
+    "classifier.eval_every": _POS_INT,
+    "classifier.block_config": _seq(_POS_INT, min_len=1),
+    "mesh.shape": ((lambda v: _seq(_num(-1, integer=True), length=3)[0](v) and 0 not in tuple(v)
+                    and tuple(v).count(-1) <= 1),
+                   "3 ints (data, fsdp, spatial), each >= 1 or one of them -1"),
+    "mesh.rules": (lambda v: not isinstance(v, str) and hasattr(v, "__len__"),
+                   "pairs (logical axis, mesh axes); checked by cf3d_jax.parallel"),
+}
+
+
 def _check(cond: bool, key: str, value, expected: str) -> None:
   if not cond:
     raise ConfigError(f"config.{key}={value!r}: expected {expected}")
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the key for values outside what the code supports."""
-  _check(c.data.dataset in ("ms", "adni"), "data.dataset", c.data.dataset, "'ms' or 'adni'")
-  _check(c.space.name in ("wavelet", "latent"), "space.name", c.space.name,
-         "'wavelet' or 'latent'")
-  if c.space.name == "latent":
-    _check(c.space.scale_factor >= 0, "space.scale_factor", c.space.scale_factor,
-           ">= 0 (0 = recorded by prepare_latents)")
-    _check(c.space.decode_splits >= 1, "space.decode_splits", c.space.decode_splits, ">= 1")
-    _check(c.space.encode_batch_size >= 1, "space.encode_batch_size",
-           c.space.encode_batch_size, ">= 1")
-    _check(c.model.out_channels == c.space.latent_channels, "model.out_channels",
-           c.model.out_channels, f"= space.latent_channels ({c.space.latent_channels})")
-  _check(c.data.source in ("phantom", "manifest"), "data.source", c.data.source,
-         "'phantom' or 'manifest'")
+def _has_key(c: ml_collections.ConfigDict, dotted: str) -> bool:
+  try:
+    _get(c, dotted)
+  except (KeyError, AttributeError, TypeError):
+    return False
+  return True
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+  """Every key of `c` that `RANGES` knows in its range; ConfigError naming each key outside it."""
+  problems = []
+  for key, (ok, expected) in RANGES.items():
+    try:
+      value = _get(c, key)
+    except (KeyError, AttributeError):
+      continue                                 # a config built without this section
+    try:
+      good = bool(ok(value))
+    except (TypeError, ValueError):
+      good = False
+    if not good:
+      problems.append(f"config.{key}={value!r}: expected {expected}")
+  if problems:
+    raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
+
+
+# Modes that build the diffusion U-Net on config.data.shape (others, e.g. the autoencoder's
+# configs, may use a grid the default U-Net cannot take).
+DIFFUSION_MODES = ("train", "sample", "all", "evaluate")
+
+
+def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
+  """Raises ConfigError naming the key for values outside what the code supports.
+
+  One pass before any mode writes anything: every key in its range (`RANGES`, shown in
+  docs/configs.md), then the conditions between keys (manifest given with its source, list
+  lengths per U-Net level, the objective buildable from its keys) and, for a `mode` among
+  DIFFUSION_MODES, data.shape divisible by what the space and the U-Net need.
+  """
+  check_ranges(c)
+  if c.data.manifest and c.data.source != "manifest":
+    raise ConfigError(f"config.data.manifest={c.data.manifest!r} is set but "
+                      f"config.data.source={c.data.source!r}: add --config.data.source=manifest "
+                      "to prepare from the manifest, or leave data.manifest empty for phantoms")
   _check(c.data.source != "manifest" or bool(c.data.manifest), "data.manifest", c.data.manifest,
          "a CSV path when data.source='manifest'")
-  _check(len(c.data.shape) == 3 and all(int(s) > 0 for s in c.data.shape), "data.shape",
-         c.data.shape, "three positive ints")
-  _check(len(c.data.split) == 3 and abs(sum(c.data.split) - 1) < 1e-6, "data.split",
-         c.data.split, "three fractions summing to 1")
-  _check(c.data.num_subjects > 0, "data.num_subjects", c.data.num_subjects, "> 0")
-  _check(c.data.records_per_shard > 0, "data.records_per_shard", c.data.records_per_shard, "> 0")
-  _check(c.data.num_workers >= 0, "data.num_workers", c.data.num_workers, ">= 0")
-  _check(c.data.prefetch >= 0, "data.prefetch", c.data.prefetch, ">= 0")
-  _check(c.data.read_threads >= 1, "data.read_threads", c.data.read_threads, ">= 1")
-  _check(c.data.prepare_workers >= -1, "data.prepare_workers", c.data.prepare_workers,
-         "-1 (auto), 0/1 (in-process) or a process count")
-  _check(0.0 <= c.data.augment.intensity_scale < 1.0, "data.augment.intensity_scale",
-         c.data.augment.intensity_scale, "a value in [0, 1)")
-  _check(0.0 <= c.data.augment.intensity_shift <= 1.0, "data.augment.intensity_shift",
-         c.data.augment.intensity_shift, "a value in [0, 1]")
-  _check(all(a in (0, 1, 2) for a in c.data.augment.flip_axes)
-         and len(set(c.data.augment.flip_axes)) == len(c.data.augment.flip_axes),
+  _check(abs(sum(c.data.split) - 1) < 1e-6, "data.split", c.data.split,
+         "three fractions summing to 1")
+  _check(abs(sum(c.data.class_fractions) - 1) < 1e-6, "data.class_fractions",
+         c.data.class_fractions, "fractions summing to 1")
+  _check(len(set(c.data.augment.flip_axes)) == len(c.data.augment.flip_axes),
          "data.augment.flip_axes", c.data.augment.flip_axes, "distinct axes among 0, 1, 2")
-  _check(0.0 <= c.text.null_prob < 1.0, "text.null_prob", c.text.null_prob, "a value in [0, 1)")
-  _check(c.train.num_steps > 0, "train.num_steps", c.train.num_steps, "> 0")
-  _check(c.train.batch_size > 0, "train.batch_size", c.train.batch_size, "> 0")
-  _check(0.0 <= c.train.ema_decay < 1.0, "train.ema_decay", c.train.ema_decay, "in [0, 1)")
-  _check(c.model.dtype in ("float32", "bfloat16"), "model.dtype", c.model.dtype,
-         "'float32' or 'bfloat16'")
-  _check(len(c.sample.prompts) >= 1, "sample.prompts", c.sample.prompts, "at least one prompt")
-  _check(len(c.sample.guidance_scales) >= 1, "sample.guidance_scales",
-         c.sample.guidance_scales, "at least one scale")
-  _check(c.sample.inversion_refine >= 0, "sample.inversion_refine", c.sample.inversion_refine,
-         ">= 0")
+  lo, hi = c.data.intensity_percentiles
+  _check(lo < hi, "data.intensity_percentiles", c.data.intensity_percentiles, "(lo, hi), lo < hi")
+  lo, hi = c.data.phantom.lesion_radius_mm
+  _check(lo <= hi, "data.phantom.lesion_radius_mm", c.data.phantom.lesion_radius_mm,
+         "(lo, hi), lo <= hi")
+  unknown = [k for k in c.train.allow_config_change if not _has_key(c, k)]
+  _check(not unknown, "train.allow_config_change", tuple(c.train.allow_config_change),
+         f"dotted config keys (unknown: {unknown})")
+  if c.space.name == "latent":
+    _check(c.model.out_channels == c.space.latent_channels, "model.out_channels",
+           c.model.out_channels, f"= space.latent_channels ({c.space.latent_channels})")
+  _check(c.objective.beta_start <= c.objective.beta_end, "objective.beta_end",
+         c.objective.beta_end, f">= objective.beta_start ({c.objective.beta_start})")
+  _check(c.objective.num_sample_steps <= c.objective.num_train_steps,
+         "objective.num_sample_steps", c.objective.num_sample_steps,
+         f"<= objective.num_train_steps ({c.objective.num_train_steps}); 0 = the default")
   channels = tuple(c.objective.sigma_data_channels)
   _check(not channels or len(channels) == c.model.out_channels, "objective.sigma_data_channels",
          channels, f"() or one value per diffused channel (model.out_channels = "
          f"{c.model.out_channels})")
-  interval = tuple(c.sample.guidance_interval)
-  _check(len(interval) == 2 and 0.0 <= interval[0] <= interval[1] <= 1.0,
-         "sample.guidance_interval", interval, "(lo, hi) with 0 <= lo <= hi <= 1")
-  _check(0.0 < c.sample.inversion_depth <= 1.0, "sample.inversion_depth",
-         c.sample.inversion_depth, "a fraction in (0, 1]")
-  _check(c.objective.num_sample_steps >= 0, "objective.num_sample_steps",
-         c.objective.num_sample_steps, ">= 0 (0 = the objective's default)")
-  _check(len(c.mesh.shape) == 3, "mesh.shape", c.mesh.shape, "(data, fsdp, spatial)")
+  lo, hi = c.sample.guidance_interval
+  _check(lo <= hi, "sample.guidance_interval", c.sample.guidance_interval,
+         "(lo, hi) with 0 <= lo <= hi <= 1")
+  levels = len(c.model.channel_mult)
+  for key in ("attention_levels", "cross_attention_levels", "dropout_levels"):
+    _check(len(c.model[key]) == levels, f"model.{key}", c.model[key],
+           f"one entry per channel_mult level ({levels})")
+  remat = tuple(c.model.get("remat_levels", ()))
+  _check(not remat or len(remat) == levels, "model.remat_levels", remat,
+         f"() or one entry per channel_mult level ({levels})")
+  for mult in (1,) + tuple(c.model.channel_mult):
+    _check((mult * c.model.base_channels) % c.model.num_groups == 0, "model.num_groups",
+           c.model.num_groups, f"a divisor of every U-Net width (base_channels="
+           f"{c.model.base_channels} × channel_mult {tuple(c.model.channel_mult)})")
+  if mode in DIFFUSION_MODES:
+    _check_unet_grid(c)
   from cf3d_jax import parallel
   parallel.rules_from_config(c.mesh)          # ConfigError naming config.mesh.rules
-  remat = tuple(c.model.get("remat_levels", ()))
-  _check(not remat or len(remat) == len(c.model.channel_mult), "model.remat_levels", remat,
-         f"() or one entry per channel_mult level ({len(c.model.channel_mult)})")
-  policies = ("none", "dots", "full")
-  for key, values in (("model.remat_levels", remat),
-                      ("model.middle_remat", (c.model.get("middle_remat", "none"),))):
-    _check(all(v in policies for v in values), key, values, f"entries among {policies}")
+  from cf3d_jax.objectives import make_objective
+  from cf3d_jax.spaces import make_space
+  make_objective(c.objective, make_space(c.space).latent_shape(tuple(c.data.shape)))
   _validate_autoencoder(c)
+
+
+def _check_unet_grid(c: ml_collections.ConfigDict) -> None:
+  """data.shape divisible by the space's factor × the U-Net's downsampling (ConfigError)."""
+  levels = len(c.model.channel_mult)
+  per_axis = (2 if c.space.name == "wavelet" else c.space.downsample) * 2 ** (levels - 1)
+  what = ("2 (Haar)" if c.space.name == "wavelet" else
+          f"space.downsample={c.space.downsample}") + f" × 2**(len(model.channel_mult) - 1)"
+  _check(all(int(s) % per_axis == 0 for s in c.data.shape), "data.shape", tuple(c.data.shape),
+         f"sides divisible by {per_axis} = {what}")
 
 
 # ---- config.autoencoder (--mode=train_autoencoder); checks against config.data.shape run in
 # ---- autoencoder_train.check_config, so other modes never fail on the autoencoder's patch size.
 def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
-  """The `config.autoencoder` keys on their own (ConfigError naming the key)."""
+  """The `config.autoencoder` keys between themselves (ranges: `RANGES`)."""
   if "autoencoder" not in c:
     return
   a = c.autoencoder
   groups = a.norm_num_groups
-  _check(groups > 0, "autoencoder.norm_num_groups", groups, "> 0")
-  _check(len(a.channels) >= 1 and all(int(ch) > 0 and int(ch) % groups == 0 for ch in a.channels),
-         "autoencoder.channels", a.channels,
+  _check(all(int(ch) % groups == 0 for ch in a.channels), "autoencoder.channels", a.channels,
          f"at least one width, each a positive multiple of norm_num_groups={groups}")
-  _check(len(a.num_res_blocks) == len(a.channels) and all(b >= 0 for b in a.num_res_blocks),
-         "autoencoder.num_res_blocks", a.num_res_blocks,
-         f"one count >= 0 per level of autoencoder.channels ({len(a.channels)})")
-  _check(a.latent_channels > 0, "autoencoder.latent_channels", a.latent_channels, "> 0")
-  _check(a.conv_impl in ("xla", "im2col"), "autoencoder.conv_impl", a.conv_impl,
-         "'xla' or 'im2col'")
-  for key in ("num_steps", "batch_size", "disc_channels", "disc_layers", "log_every",
-              "checkpoint_every", "max_to_keep"):
-    _check(a[key] > 0, f"autoencoder.{key}", a[key], "> 0")
-  _check(a.learning_rate > 0, "autoencoder.learning_rate", a.learning_rate, "> 0")
-  for key in ("kl_weight", "perceptual_weight", "adversarial_weight",
-              "adversarial_warmup_steps", "eval_batches"):
-    _check(a[key] >= 0, f"autoencoder.{key}", a[key], ">= 0")
-  _check(0.0 <= a.ema_decay < 1.0, "autoencoder.ema_decay", a.ema_decay, "in [0, 1) (0 = no EMA)")
+  _check(len(a.num_res_blocks) == len(a.channels), "autoencoder.num_res_blocks",
+         a.num_res_blocks, f"one count >= 0 per level of autoencoder.channels ({len(a.channels)})")
   factor = 2 ** (len(a.channels) - 1)
   for key in ("patch_shape", "eval_shape"):
     shape = tuple(a[key])
-    _check(not shape or (len(shape) == 3 and all(int(s) > 0 and int(s) % factor == 0
-                                                 for s in shape)),
+    _check(not shape or (len(shape) == 3 and all(int(s) % factor == 0 for s in shape)),
            f"autoencoder.{key}", shape,
            f"() or three positive sides divisible by {factor} = 2**(len(autoencoder.channels) - 1)")
 
@@ -542,10 +783,16 @@ def reference_markdown() -> str:
     meaning = meaning or extra
     if not meaning:
       problems.append(f"{key} has no trailing comment in base_config")
+    if key not in RANGES:
+      problems.append(f"{key} has no rule in config_base.RANGES")
+    allowed = RANGES[key][1] if key in RANGES else ""
     parent = key.rpartition(".")[0]
     tables[parent].append(f"| `{key}` | `{_cell(repr(_get(c, key)))}` "
-                          f"| {_cell(meaning or '')} |")
+                          f"| {_cell(meaning or '')} | {_cell(allowed)} |")
   stale = sorted(set(_MEANINGS_WITHOUT_COMMENT) - found)
+  stale_ranges = sorted(set(RANGES) - found)
+  if stale_ranges:
+    problems.append(f"RANGES names keys that base_config lacks: {stale_ranges}")
   if stale:
     problems.append(f"_MEANINGS_WITHOUT_COMMENT names keys that base_config lacks: {stale}")
   if problems:
@@ -567,8 +814,9 @@ def reference_markdown() -> str:
       "with `--config.<key>=value` (`--config.train.num_steps=100`, "
       "`--config.mesh.shape=2,1,1`).",
       "The CLI locks the config, so a misspelt key is an error naming it rather than a new key;",
-      "`config_base.validate` then checks values the types cannot (names, ranges, shapes) and",
-      "raises `ConfigError` naming the key. Notebooks and tests load a file by path with",
+      "`config_base.validate` then checks, before a mode writes anything, every key against",
+      "its *allowed* range below (and the conditions between keys) and raises one `ConfigError`",
+      "naming each key outside it (docs/reliability.md). Notebooks and tests load a file by path with",
       "`config_base.load_config_file(path, arg)` (unlocked). Objective presets "
       "(`apply_objective_preset`:",
       f"{', '.join(f'`{p}`' for p in OBJECTIVE_PRESETS)}) and datasets (`apply_dataset`: "
@@ -589,7 +837,7 @@ def reference_markdown() -> str:
     lines += ["", f"## config.{section}" if section else "## config (top level)", ""]
     if intros[section]:
       lines += [intros[section], ""]
-    lines += ["| key | default | meaning |", "| --- | --- | --- |"] + rows
+    lines += ["| key | default | meaning | allowed |", "| --- | --- | --- | --- |"] + rows
   return "\n".join(lines) + "\n"
 
 

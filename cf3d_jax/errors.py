@@ -19,3 +19,8 @@ class DataError(Cf3dError):
 
 class PromptError(Cf3dError):
   """A prompt or prompt class is unknown to the embedding table or the templates."""
+
+
+class Preempted(Exception):
+  """A job stopped on SIGTERM after saving its state (not an input problem: the CLI exits with
+  status 143, and rerunning the same command resumes)."""

@@ -7,6 +7,7 @@ and `WORKDIR/autoencoder/vae` does not exist yet) → prepare_latents → train 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 MODES = ("prepare", "train_autoencoder", "prepare_latents", "train", "sample", "all",
@@ -19,13 +20,48 @@ def _needs_autoencoder_training(config, workdir: str) -> bool:
           and not os.path.isdir(spaces.autoencoder_path(config.space, workdir)))
 
 
-def run(config, workdir: str, mode: str, on_error: str = "fail") -> None:
-  """Dispatches one mode (importing heavy modules only when needed)."""
+def preflight(config, workdir: str, mode: str) -> None:
+  """Everything checkable before a mode writes anything (ConfigError naming the key or path):
+  the mode, every config value (`config_base.validate`), the workdir (a folder or absent), and
+  the batch sizes this mode uses against the device mesh."""
   from cf3d_jax import config_base
   from cf3d_jax.errors import ConfigError
-  config_base.validate(config)
   if mode not in MODES:
     raise ConfigError(f"--mode={mode!r}: expected one of {MODES}")
+  config_base.validate(config, mode)
+  if mode == "prepare_latents" and config.space.name != "latent":
+    raise ConfigError("--mode=prepare_latents needs config.space.name='latent'")
+  if not workdir:
+    raise ConfigError("--workdir is empty: give the run folder")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir}: is a file, not a folder; give a folder (it is "
+                      "created if missing)")
+  keys = {"train": ("train.batch_size",), "sample": ("sample.batch_size",),
+          "all": ("train.batch_size", "sample.batch_size"), "evaluate": ("eval.batch_size",),
+          "train_classifier": (), "train_autoencoder": (), "prepare": (),
+          "prepare_latents": ()}[mode]
+  if keys:
+    from cf3d_jax import parallel
+    mesh = parallel.make_mesh(config.mesh.shape)     # ConfigError if it does not fit the devices
+    parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
+    for key in keys:
+      section, name = key.split(".")
+      parallel.check_batch_divisible(config[section][name], mesh, key)
+
+
+def run(config, workdir: str, mode: str, on_error: str = "fail") -> None:
+  """Dispatches one mode (importing heavy modules only when needed)."""
+  preflight(config, workdir, mode)
+  import jax
+  from cf3d_jax.files import workdir_lock
+  # One job per workdir: process 0 holds WORKDIR/.lock (the other hosts of a job share it).
+  lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    _run_modes(config, workdir, mode, on_error)
+
+
+def _run_modes(config, workdir: str, mode: str, on_error: str) -> None:
+  """The modes' jobs in order (after `preflight`, under the workdir lock)."""
   latent = config.space.name == "latent"
   if mode in ("prepare", "all"):
     from cf3d_jax.data.prepare import prepare
@@ -35,8 +71,6 @@ def run(config, workdir: str, mode: str, on_error: str = "fail") -> None:
     from cf3d_jax.autoencoder_train import train_autoencoder
     train_autoencoder(config, workdir)
   if mode == "prepare_latents" or (mode == "all" and latent):
-    if not latent:
-      raise ConfigError("--mode=prepare_latents needs config.space.name='latent'")
     from cf3d_jax.data.latents import prepare_latents
     prepare_latents(config, workdir)
   if mode in ("train", "all"):

@@ -29,7 +29,6 @@ import csv
 import glob
 import json
 import os
-import re
 from typing import Sequence
 
 import jax
@@ -41,22 +40,17 @@ from cf3d_jax import config_base, parallel
 from cf3d_jax.data import nifti, phantoms, records
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
-from cf3d_jax.files import atomic_path, write_text
+from cf3d_jax.files import atomic_path, slug, write_text
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
 from cf3d_jax.spaces import placed
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import load_table
-from cf3d_jax.train import abstract_state, build_components, checkpoint_manager, \
-    make_optimizer, restore_state
+from cf3d_jax.train import abstract_state, build_components, check_checkpoint_config, \
+    checkpoint_manager, make_optimizer, restore_state
 
 SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
-
-
-def slug(prompt: str) -> str:
-  """File-name-safe form of a prompt: 'Subject has high lesion load.' → 'subject-has-high-lesion-load'."""
-  return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-") or "null"
 
 
 def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
@@ -193,7 +187,7 @@ def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> 
 
 def _restore(config, workdir: str) -> dict:
   """Everything sampling needs: data meta, the table, the model family and restored params."""
-  config_base.validate(config)
+  config_base.validate(config, "sample")
   paths = data_paths(workdir)
   index = records.load_index(paths["records"])
   table = load_table(paths["table"])
@@ -206,6 +200,7 @@ def _restore(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.mesh.shape)
   parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
   mngr = checkpoint_manager(workdir, config.train)
+  check_checkpoint_config(config, mngr, config.sample.checkpoint_step, ("model",))
   # Restored straight onto the mesh (FSDP by config.mesh.rules), whatever mesh trained it.
   state = restore_state(mngr, abstract_state(model, make_optimizer(config.train), config,
                                              table.embeddings.shape[1:], mesh),

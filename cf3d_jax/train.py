@@ -13,11 +13,15 @@ process 0 writes summaries.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import shutil
+import signal
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -27,10 +31,10 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cf3d_jax import config_base, parallel
+from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.prepare import data_paths
-from cf3d_jax.errors import Cf3dError, DataError
+from cf3d_jax.errors import Cf3dError, DataError, Preempted
 from cf3d_jax.models import unet as unet_lib
 from cf3d_jax.objectives import make_objective
 from cf3d_jax.spaces import make_space, placed
@@ -112,7 +116,20 @@ def params_from_pretrained(params, path: str):
   return wdm_unet.merge_pretrained(params, pretrained, source=path, allow_new=allow_new)
 
 
+def remove_unfinished_saves(folder: str) -> list[str]:
+  """Deletes orbax's `STEP.orbax-checkpoint-tmp*` folders (saves killed before they committed)
+  in `folder` (process 0 only; the workdir lock keeps other jobs out); returns their names."""
+  if jax.process_index() != 0 or not os.path.isdir(folder):
+    return []
+  names = sorted(n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n)
+  for name in names:
+    logging.warning("removing an unfinished checkpoint save: %s", os.path.join(folder, name))
+    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+  return names
+
+
 def checkpoint_manager(workdir: str, train_config) -> ocp.CheckpointManager:
+  remove_unfinished_saves(os.path.join(workdir, "checkpoints"))
   options = ocp.CheckpointManagerOptions(max_to_keep=train_config.max_to_keep,
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
@@ -125,10 +142,77 @@ def restore_state(mngr: ocp.CheckpointManager, abstract_state: State, step: int 
   step = mngr.latest_step() if step is None or step < 0 else step
   if step is None:
     raise DataError(f"{mngr.directory}: no checkpoint to restore; train first")
+  if step not in mngr.all_steps():
+    raise DataError(f"{mngr.directory}: no checkpoint at step {step} (config.sample."
+                    f"checkpoint_step); saved steps: {sorted(mngr.all_steps())} (-1 = latest)")
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def checkpoint_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON `meta` item of checkpoint `step` (step, seed and, since fingerprints, `config`)."""
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def check_checkpoint_config(config, mngr: ocp.CheckpointManager, step: int | None,
+                            groups=("model",), more=(), where: str | None = None) -> None:
+  """ConfigError listing the keys of `groups` (`fingerprint`) that differ between `config` and
+  the config checkpoint `step` (default latest) was trained with, and the differences `more`
+  found in the prepared data; `where` names the workdir in the message."""
+  step = mngr.latest_step() if step is None or step < 0 else step
+  stored = {}
+  if step is not None and step in mngr.all_steps():
+    stored = checkpoint_meta(mngr, step).get("config")
+    where = where or os.path.join(str(mngr.directory), str(step))
+  fingerprint.check(stored, config, groups, where or str(mngr.directory), more)
+
+
+def data_config_differences(config, index: dict) -> list:
+  """(key, old, new) where the prepared records' recorded data keys differ from `config`."""
+  stored = index.get("meta", {}).get("config")
+  if stored is None:
+    return []
+  return fingerprint.differences(stored, config, fingerprint.keys_for(config, "data"))
+
+
+@contextlib.contextmanager
+def preemption_signal() -> Iterator[Callable[[], bool]]:
+  """Within the block SIGTERM (SLURM, TPU preemption) does not kill the process: it sets a flag
+  that the yielded function reads, so the loop can save and stop. Restores the old handler."""
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    # Signal handlers live in the main thread; on several hosts a SIGTERM seen by some of them
+    # would make them save alone (orbax saves are collective): keep the periodic checkpoints.
+    yield lambda: False
+    return
+  got = []
+  old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+  try:
+    yield lambda: bool(got)
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+@jax.jit
+def track_finite(finite: jax.Array, metrics: dict[str, jax.Array]) -> jax.Array:
+  """`finite` and-ed with this step's loss and gradient norm being finite (on device)."""
+  return finite & jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+
+def check_finite(finite: jax.Array, metrics: dict[str, jax.Array], step: int,
+                 last_good: int | None) -> None:
+  """Cf3dError if a loss or gradient norm since the last save was NaN/Inf (`track_finite`),
+  naming the last good checkpoint; nothing is saved after it."""
+  if bool(jax.device_get(finite)):
+    return
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  resume = (f"the last good checkpoint is step {last_good} (a resume starts there)"
+            if last_good is not None else "no checkpoint was saved (a rerun starts over)")
+  raise Cf3dError(f"training diverged by step {step} (loss {values['loss']}, grad norm "
+                  f"{values['grad_norm']}; non-finite since the last check): not saved; "
+                  f"{resume}. Lower config.train.learning_rate or enable "
+                  "config.train.grad_clip_norm")
 
 
 def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
@@ -228,7 +312,14 @@ def _make_dataset(records_dir: str, index, table, config, mesh, rules) -> tuple[
 def train_and_evaluate(config, workdir: str) -> State:
   """Trains to `config.train.num_steps`, resuming from `workdir/checkpoints` if present."""
   # ---- config and logging ------------------------------------------------------------------
-  config_base.validate(config)
+  config_base.validate(config, "train")
+  # ---- the workdir holds this config's data and checkpoints (else one error, nothing run) ----
+  paths = data_paths(workdir)
+  mngr = checkpoint_manager(workdir, config.train)
+  prepared = os.path.join(paths["records"], records.INDEX_NAME)
+  check_checkpoint_config(config, mngr, None, ("model", "recipe"), where=workdir,
+                          more=data_config_differences(config, records.load_index(
+                              paths["records"])) if os.path.exists(prepared) else ())
   from clu import metric_writers, periodic_actions
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0)
@@ -237,7 +328,6 @@ def train_and_evaluate(config, workdir: str) -> State:
   rules = parallel.rules_from_config(config.mesh)
   parallel.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
   parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
-  paths = data_paths(workdir)
   records_dir = records_dir_for(config, workdir)
   index = records.load_index(records_dir)
   table = load_table(paths["table"])
@@ -265,7 +355,6 @@ def train_and_evaluate(config, workdir: str) -> State:
   state = init_fn.lower(init_key).compile(
       compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(init_key)
   # ---- resume, or start from a pretrained U-Net ---------------------------------------------
-  mngr = checkpoint_manager(workdir, config.train)
   if mngr.latest_step() is None and config.train.init_from:
     params = params_from_pretrained(state["params"], config.train.init_from)
     state = {**state, "params": params, "ema": jax.tree.map(jnp.copy, params)}
@@ -283,27 +372,39 @@ def train_and_evaluate(config, workdir: str) -> State:
   if step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "sample"})
   t0, in_flight = time.time(), None
-  while step < config.train.num_steps:
-    with parallel.activation_context(mesh, rules):
-      state, metrics = step_fn(state, next(batches), step_key)
-    if in_flight is not None:   # at most two steps in flight: bounded memory, honest timing
-      jax.block_until_ready(in_flight)
-    in_flight = metrics["loss"]
-    step += 1
-    report(step, time.time())
-    if step % config.train.log_every == 0 or step == config.train.num_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(values["loss"]):
-        raise Cf3dError(f"training diverged at step {step}: loss {values['loss']}; lower "
-                        "config.train.learning_rate or enable config.train.grad_clip_norm")
-      values["steps_per_sec"] = config.train.log_every / max(time.time() - t0, 1e-9)
-      writer.write_scalars(step, values)
-      t0 = time.time()
-    if step % config.train.checkpoint_every == 0 or step == config.train.num_steps:
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iter),
-          meta=ocp.args.JsonSave({"step": step, "seed": config.seed})))
+  finite = jnp.ones((), bool)           # on device: every loss and grad norm since the last save
+  last_good = mngr.latest_step()
+  with preemption_signal() as preempted:
+    while step < config.train.num_steps:
+      with parallel.activation_context(mesh, rules):
+        state, metrics = step_fn(state, next(batches), step_key)
+      if in_flight is not None:   # at most two steps in flight: bounded memory, honest timing
+        jax.block_until_ready(in_flight)
+      in_flight = metrics["loss"]
+      finite = track_finite(finite, metrics)
+      step += 1
+      report(step, time.time())
+      if step % config.train.log_every == 0 or step == config.train.num_steps:
+        check_finite(finite, metrics, step, last_good)
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        values["steps_per_sec"] = config.train.log_every / max(time.time() - t0, 1e-9)
+        writer.write_scalars(step, values)
+        t0 = time.time()
+      stop = preempted()
+      if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop:
+        check_finite(finite, metrics, step, last_good)      # never save a non-finite state
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave({"step": step, "seed": config.seed,
+                                    "config": fingerprint.record(config, "model", "recipe")})),
+            force=stop)
+        last_good = step
+      if stop:
+        mngr.wait_until_finished()
+        writer.flush()
+        raise Preempted(f"stopped by SIGTERM at step {step}: checkpoint {step} saved in "
+                        f"{mngr.directory}; rerun the same command to resume from it")
   mngr.wait_until_finished()
   writer.flush()
   return state

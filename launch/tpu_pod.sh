@@ -42,10 +42,12 @@ esac
 extra=""
 for a in "${mesh_flags[@]}" "$@"; do extra+=" $(printf '%q' "$a")"; done
 # remat_levels needs one entry per U-Net level: read the count from the config on the host.
+# Every user-given value reaches the remote shell quoted (printf %q), never as shell syntax.
+q_config=$(printf '%q' "$config") q_workdir=$(printf '%q' "$workdir") q_mode=$(printf '%q' "$mode")
 remat_cmd=""
 if [ "$remat" = 1 ]; then
-  remat_cmd="--config.model.remat_levels=\"\$(python -c 'import sys; from cf3d_jax.config_base import load_config_file as load; path, _, arg = sys.argv[1].partition(\":\"); print(repr((\"full\",) * len(load(path, arg or None).model.channel_mult)))' $config)\""
+  remat_cmd="--config.model.remat_levels=\"\$(python -c 'import sys; from cf3d_jax.config_base import load_config_file as load; path, _, arg = sys.argv[1].partition(\":\"); print(repr((\"full\",) * len(load(path, arg or None).model.channel_mult)))' $q_config)\""
 fi
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command="
-  cd ~/cf3d && python -m cf3d_jax.main --config=$config --workdir=$workdir --mode=$mode \
+  cd ~/cf3d && python -m cf3d_jax.main --config=$q_config --workdir=$q_workdir --mode=$q_mode \
     --distributed=on $extra $remat_cmd 2>&1 | tee -a ~/cf3d_\$(hostname).log"

@@ -59,6 +59,11 @@ def test_resume_after_kill_continues_exactly(workdir_with_data, smoke_config):
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert os.path.isdir(os.path.join(workdir_with_data, "tensorboard"))
+  # The workdir's checkpoints were made with this config: another objective or seed stops at once.
+  from cf3d_jax.errors import ConfigError
+  c.objective.name, c.seed = "rflow", 7
+  with pytest.raises(ConfigError, match=r"objective.name: 'ddpm' → 'rflow'.*seed: 0 → 7"):
+    train.train_and_evaluate(c, workdir_with_data)
 
 
 def test_init_from_a_converted_text_free_unet(workdir_with_data, smoke_config, tmp_path):

@@ -5,10 +5,12 @@ counterfactuals (`--mode=sample --config.sample.source=OUT/sources.csv`):
 
   python -m cf3d_jax.data.export --workdir=runs/demo --split=test --limit=4 --out=runs/demo/test_scans
 
-Writes `OUT/{subject_id}.nii.gz` (the prepared volume, in [-1, 1], with the grid's affine) and
+Writes `OUT/{slug(subject_id)}.nii.gz` (the prepared volume, in [-1, 1], with the grid's affine) and
 `OUT/sources.csv` with columns path, subject_id, label and `lesion_volume_ml` (MS) or
 `diagnosis` (ADNI), so each scan's factual prompt follows from its class. The split is the one
-training uses (`pipeline.split_subjects` with the run's seed and fractions).
+training uses (`pipeline.split_subjects` with the run's seed and fractions). File names are the
+slug of the id (`files.slug`: lower-case letters, digits, '-'), with '-2', '-3', … for a second
+record of one subject, and every file is checked to lie inside OUT.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from absl import app, flags
 from cf3d_jax.data import nifti, records
 from cf3d_jax.data.pipeline import split_subjects
 from cf3d_jax.errors import Cf3dError, ConfigError
-from cf3d_jax.files import write_text
+from cf3d_jax.files import check_inside, unique_slug, write_text
 from cf3d_jax.text import prompts as prompt_lib
 
 SPLITS = ("train", "val", "test")
@@ -64,10 +66,13 @@ def export_split(data_dir: str, split: str, out_dir: str, *, seed: int = 0,
   if limit:
     wanted = wanted[:limit]
   os.makedirs(out_dir, exist_ok=True)
-  rows = []
+  rows, used = [], set()
   for r, rec in zip(wanted, read_records(data_dir, index, wanted)):
-    name = f"{r['subject_id']}.nii.gz"
-    nifti.save_volume(os.path.join(out_dir, name), rec["volume"][..., 0], rec["affine"])
+    # Named by the slug of the id, made unique: an id is never a path, and two records of one
+    # subject get two files.
+    name = unique_slug(str(r["subject_id"]), used) + ".nii.gz"
+    path = check_inside(os.path.join(out_dir, name), out_dir)
+    nifti.save_volume(path, rec["volume"][..., 0], rec["affine"])
     row = {"path": name, "subject_id": r["subject_id"], "label": r["label"]}
     if dataset == "ms":
       row["lesion_volume_ml"] = f"{r['clinical_value']:.4f}"

@@ -22,6 +22,7 @@ and the file): no dataset.json, only complete shards in the staging. 'skip' reco
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import csv
 import hashlib
 import json
@@ -45,13 +46,24 @@ FORMAT_VERSION = 1          # bump when the record content changes: invalidates 
 MAX_AUTO_WORKERS = 16       # data.prepare_workers = -1 → min(os.cpu_count(), this)
 
 
+def check_subject_id(subject_id: str) -> str:
+  """`subject_id` if it can never act as a path (it names exported files): DataError for '/',
+  '\\', '..', '.' alone, a leading '~', NUL or other control characters."""
+  bad = ("/" in subject_id or "\\" in subject_id or ".." in subject_id or subject_id == "."
+         or subject_id.startswith("~") or any(ord(ch) < 32 for ch in subject_id))
+  if bad:
+    raise DataError(f"subject_id {subject_id!r}: must not contain '/', '\\', '..', a leading "
+                    "'~' or control characters (NUL included); use letters, digits, '-', '_'")
+  return subject_id
+
+
 def read_manifest(path: str, dataset: str, collect_errors: bool = False) -> list[dict]:
   """Rows of the manifest CSV with `label` and `clinical_value` added.
 
   Required columns: path, subject_id, and lesion_volume_ml (ms) or diagnosis (adni). Relative
   paths are relative to the CSV's folder. Problems with the whole file (missing, not UTF-8, no
   rows, a missing column) always raise DataError naming the file. A bad row (empty path or
-  subject, lesion volume not a number ≥ 0, unknown diagnosis) raises DataError naming the file
+  subject, a subject_id that could act as a path (`check_subject_id`), lesion volume not a number ≥ 0, unknown diagnosis) raises DataError naming the file
   and the row (1-based, header = 1), or with `collect_errors` is returned with an `error` key.
   """
   if not os.path.exists(path):
@@ -79,6 +91,7 @@ def read_manifest(path: str, dataset: str, collect_errors: bool = False) -> list
     try:
       if not scan or not item["subject_id"]:
         raise DataError("empty path or subject_id")
+      check_subject_id(item["subject_id"])
       if dataset == "ms":
         cls = prompt_lib.lesion_class((row["lesion_volume_ml"] or "").strip())
         value = float(row["lesion_volume_ml"])
@@ -103,6 +116,7 @@ def fingerprint(rows: Sequence[Mapping[str, Any]], data_config) -> str:
              "shape": [int(s) for s in data_config.shape], "fov_mm": float(data_config.fov_mm),
              "percentiles": [float(p) for p in data_config.intensity_percentiles],
              "records_per_shard": int(data_config.records_per_shard),
+             "max_scan_gb": float(data_config.get("max_scan_gb", 0)),
              "rows": [[r["row"], r["path"], r["subject_id"], r["label"],
                        repr(r["clinical_value"]), r.get("error", "")] for r in rows]}
   return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -115,12 +129,12 @@ def resolve_workers(requested: int) -> int:
   return requested
 
 
-def conform_scan(path: str, shape: Sequence[int], fov_mm: float, percentiles: Sequence[float]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def conform_scan(path: str, shape: Sequence[int], fov_mm: float, percentiles: Sequence[float],
+                 max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Load + conform one scan (runs in a worker): (volume `[D, H, W, 1]` float32, affine `[4, 4]`).
 
-  DataError messages name the file."""
-  data, affine = nifti.load_volume(path)
+  DataError messages name the file; `max_bytes` caps the size the header may claim."""
+  data, affine = nifti.load_volume(path, max_bytes)
   try:
     volume, grid = nifti.conform(data, affine, shape, fov_mm, percentiles)
   except DataError as e:
@@ -176,6 +190,7 @@ class _Pool:
 
   def __init__(self, workers: int, args: tuple):
     self.args = args
+    self.workers = workers
     self.executor = None
     if workers > 1:
       self.executor = concurrent.futures.ProcessPoolExecutor(
@@ -199,21 +214,39 @@ class _Pool:
       nxt = next(it, None)
       if nxt is not None:
         pending.append((nxt, self.executor.submit(_try_conform, nxt, *self.args)))
-      yield row, future.result()
+      try:
+        result = future.result()
+      except concurrent.futures.process.BrokenProcessPool as e:
+        # A worker died (e.g. killed for memory): this row fails, the pool restarts and the
+        # rows in flight are submitted again.
+        result = DataError(f"{row['path']}: the worker process died while conforming it "
+                           f"(out of memory?): {e}")
+        self._restart()
+        pending = [(r, self.executor.submit(_try_conform, r, *self.args)) for r, _ in pending]
+      yield row, result
+
+  def _restart(self) -> None:
+    logging.warning("prepare worker pool broke; restarting it")
+    self.executor.shutdown(wait=False, cancel_futures=True)
+    self.executor = concurrent.futures.ProcessPoolExecutor(
+        self.workers, mp_context=multiprocessing.get_context("spawn"))
 
   def close(self) -> None:
     if self.executor is not None:
       self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _try_conform(row: dict, shape, fov_mm, percentiles):
-  """conform_scan, with a row's CSV error or a DataError returned (not raised)."""
+def _try_conform(row: dict, shape, fov_mm, percentiles, max_bytes=None):
+  """conform_scan, with a row's CSV error or any failure (DataError, MemoryError, a library's
+  exception) returned as a DataError naming the file (not raised), so skip mode records it."""
   if "error" in row:
     return DataError(row["error"])
   try:
-    return conform_scan(row["path"], shape, fov_mm, percentiles)
+    return conform_scan(row["path"], shape, fov_mm, percentiles, max_bytes)
   except DataError as e:
     return e
+  except Exception as e:  # MemoryError included: one bad scan must not end the prepare
+    return DataError(f"{row['path']}: {type(e).__name__} while conforming: {e}")
 
 
 def ingest_manifest(data_config, folder: str, on_error: str, meta: Mapping[str, Any],
@@ -239,8 +272,9 @@ def ingest_manifest(data_config, folder: str, on_error: str, meta: Mapping[str, 
   if done:
     logging.info("resuming: %d of %d shards already staged in %s", len(done), len(chunks),
                  staging)
+  max_bytes = int(float(data_config.get("max_scan_gb", 0)) * 1e9) or None
   pool = _Pool(workers, (tuple(data_config.shape), float(data_config.fov_mm),
-                         tuple(data_config.intensity_percentiles)))
+                         tuple(data_config.intensity_percentiles), max_bytes))
   bar = tqdm(total=len(rows), initial=sum(len(chunks[k]) for k in done), desc="scans",
              unit="scan")
   try:

@@ -19,14 +19,29 @@ from cf3d_jax.errors import DataError
 from cf3d_jax.files import atomic_path
 
 
-def load_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (data float32 `[X, Y, Z]` in RAS+ canonical orientation, its 4×4 affine)."""
+def load_volume(path: str, max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (data float32 `[X, Y, Z]` in RAS+ canonical orientation, its 4×4 affine).
+
+  The header is checked before any voxel is read: complex data is an error (no silent drop of
+  the imaginary part), and with `max_bytes` a volume whose shape × float32 exceeds it is
+  rejected (a small compressed file can claim a huge shape)."""
   if not os.path.exists(path):
     raise DataError(f"{path}: file not found")
   if os.path.getsize(path) == 0:
     raise DataError(f"{path}: file is empty (0 bytes)")
   try:
-    img = nib.as_closest_canonical(nib.load(path))
+    raw = nib.load(path)
+  except Exception as e:  # nibabel raises many types for truncated/corrupt files.
+    raise DataError(f"{path}: not a readable NIfTI image ({type(e).__name__}: {e})") from e
+  dtype = np.dtype(raw.get_data_dtype())
+  if dtype.kind == "c":
+    raise DataError(f"{path}: complex voxels ({dtype}); save the magnitude as a real image")
+  need = int(np.prod(raw.shape, dtype=np.int64)) * max(dtype.itemsize, 4)
+  if max_bytes is not None and need > max_bytes:
+    raise DataError(f"{path}: header claims shape {tuple(raw.shape)} ({need / 1e9:.2f} GB as "
+                    f"float32), over config.data.max_scan_gb={max_bytes / 1e9:g}")
+  try:
+    img = nib.as_closest_canonical(raw)
     data = np.asarray(img.dataobj, dtype=np.float32)
   except Exception as e:  # nibabel raises many types for truncated/corrupt files.
     raise DataError(f"{path}: not a readable NIfTI image ({type(e).__name__}: {e})") from e

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
+from cf3d_jax import fingerprint
 from cf3d_jax.data import ingest, phantoms, records
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.text import prompts as prompt_lib
@@ -97,11 +98,21 @@ def prepare_table(config, path: str) -> EmbeddingTable:
 def prepare(config, workdir: str, on_error: str = "fail") -> None:
   """Writes whatever of data/ is missing (records, reference, text table).
 
+  Records already prepared with other data keys (`fingerprint`, recorded in dataset.json) are a
+  ConfigError listing them, unless `config.train.allow_config_change` allows each.
+
   on_error: 'fail' stops at the first bad manifest row or scan with no dataset.json written
   (finished shards stay staged for a resumed run); 'skip' records the row under `skipped` in
   dataset.json (and prints it in the closing summary) and goes on.
   """
   paths = data_paths(workdir)
+  index_path = os.path.join(paths["records"], records.INDEX_NAME)
+  if os.path.exists(index_path):
+    stored = records.load_index(paths["records"])["meta"].get("config")
+    fingerprint.check(stored, config, ("data",), paths["records"])
+    changed = stored is not None and stored.get("text.table") != config.text.table
+    if changed and os.path.exists(paths["table"]):
+      os.remove(paths["table"])       # text.table change allowed: copy the new table below
   os.makedirs(paths["data"], exist_ok=True)
   prepare_table(config, paths["table"])
   if config.data.source == "phantom" and not os.path.exists(paths["reference"]):
@@ -112,7 +123,8 @@ def prepare(config, workdir: str, on_error: str = "fail") -> None:
     return
   meta = {"source": config.data.source, "dataset": config.data.dataset,
           "shape": list(config.data.shape), "fov_mm": config.data.fov_mm,
-          "classes": list(prompt_lib.CLASSES[config.data.dataset])}
+          "classes": list(prompt_lib.CLASSES[config.data.dataset]),
+          "config": fingerprint.record(config, "data")}
   if config.data.source == "phantom":
     reference = phantoms.load_reference(paths["reference"])
     meta["affine"] = reference.affine.tolist()
