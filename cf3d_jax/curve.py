@@ -136,9 +136,9 @@ def training_curve(config, workdir: str, config_name: str, every: int,
   from cf3d_jax.data.prepare import prepare
   from cf3d_jax.evaluate import evaluate
   from cf3d_jax.train import train_and_evaluate
-  if not scales or num_per_prompt < 1:
+  if not scales or num_per_prompt < 2:
     raise ConfigError(f"--scales={scales} --num_per_prompt={num_per_prompt}: need at least one "
-                      "scale and one noise per prompt")
+                      "scale and two noises per prompt (the diversity column compares pairs)")
   config_base.validate(config)
   steps = curve_steps(config.train.num_steps, every)
   out_dir = os.path.join(workdir, "curve")

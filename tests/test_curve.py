@@ -19,6 +19,13 @@ def test_curve_steps():
     curve.curve_steps(100, 0)
 
 
+def test_training_curve_needs_two_noises(tmp_path):
+  c = config_base.load_config_file(os.path.join(ROOT, "configs", "demo.py"), "smoke")
+  with pytest.raises(ConfigError, match="two noises"):
+    curve.training_curve(c, str(tmp_path), "x", every=2, scales=(3.0,), num_per_prompt=1)
+  assert not os.listdir(tmp_path)     # refused before anything is written
+
+
 def _result(hit: float) -> dict:
   prompts = ["a", "b", "c"]
   gt = {"mean": dict(zip(prompts, (1.0, 12.0, 30.0))),
@@ -61,7 +68,7 @@ def test_training_curve_smoke(tmp_path):
   c = config_base.load_config_file(os.path.join(ROOT, "configs", "demo.py"), "smoke")
   workdir = str(tmp_path / "run")
   out = curve.training_curve(c, workdir, "configs/demo.py:smoke", every=2, scales=(3.0,),
-                             num_per_prompt=1)
+                             num_per_prompt=2)
   assert [r["step"] for r in out["rows"]] == [2, 4]
   assert 0 < out["rows"][0]["train_minutes"] < out["rows"][1]["train_minutes"]
   for r in out["rows"]:
@@ -74,5 +81,5 @@ def test_training_curve_smoke(tmp_path):
   assert json.load(open(os.path.join(workdir, "curve", "step_000004", "results.json")))[
       "checkpoint_step"] == 4
   again = curve.training_curve(c, workdir, "configs/demo.py:smoke", every=2, scales=(3.0,),
-                               num_per_prompt=1)
+                               num_per_prompt=2)
   assert again["rows"] == out["rows"]

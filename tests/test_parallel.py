@@ -111,7 +111,9 @@ def test_distributed_init_is_off_without_a_coordinator(monkeypatch):
 
 def test_multi_device_checks_in_a_subprocess():
   """Runs the checks below with 8 fake CPU devices (see the module docstring)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_FAKE_DEVICES}",
+  flags = (os.environ.get("XLA_FLAGS", "")
+           + f" --xla_force_host_platform_device_count={NUM_FAKE_DEVICES}")
+  env = dict(os.environ, XLA_FLAGS=flags.strip(),
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.path.join(ROOT, "tests"))
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), "all"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
