@@ -14,7 +14,7 @@ class-hit rate over all volumes, the mean change against the first prompt, the o
 and the PSNR to the factual outside the template white matter.
 
 Outputs in `WORKDIR/curve/`: `curve.json` (every row), `curve.md` (a table) and `curve.png`
-(class-hit rate and FID / floor against training minutes), and `step_NNNNNN/` with each point's
+(class-hit rate and FID / floor against training minutes, the targets dashed), and `step_NNNNNN/` with each point's
 full evaluation (`results.json`, `results.md`). A rerun skips the points already in
 `curve.json`, so a killed curve continues where it stopped.
 """
@@ -33,6 +33,10 @@ from cf3d_jax.errors import Cf3dError, ConfigError
 from cf3d_jax.files import atomic_path, write_text
 
 CURVE_FORMAT = "cf3d_jax.curve/1"
+# Dashed reference lines of the plot: the demo's targets (docs/results.md, "What makes the
+# prompt act"): ≥ 90 % of the volumes in their prompted class, FID ≤ 2 × the real-vs-real floor.
+TARGET_CLASS_HIT = 0.9
+TARGET_FID_VS_FLOOR = 2.0
 
 
 def curve_steps(num_steps: int, every: int) -> list[int]:
@@ -99,6 +103,8 @@ def plot_curve(curve: dict, path: str) -> None:
       axes[0].plot(minutes, hit, "o-", label=f"w = {key[1:]}")
     axes[1].plot(minutes, [r["scales"][key]["fid_vs_floor"] or float("nan") for r in rows],
                  "o-", label=f"w = {key[1:]}")
+  axes[0].axhline(TARGET_CLASS_HIT, color="0.6", ls="--", lw=0.8)
+  axes[1].axhline(TARGET_FID_VS_FLOOR, color="0.6", ls="--", lw=0.8)
   axes[0].set_ylabel("in prompted class")
   axes[0].set_ylim(0, 1.02)
   axes[1].set_ylabel("FID / floor")
