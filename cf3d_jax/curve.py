@@ -179,30 +179,35 @@ def training_curve(config, workdir: str, config_name: str, every: int,
   return curve
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (as for cf3d_jax.main).")
-_EVERY = flags.DEFINE_integer("every", 900, "Training steps between evaluation points.")
-_SCALES = flags.DEFINE_list("scales", ["3", "7", "15"], "Guidance scales evaluated at each point.")
-_NUM = flags.DEFINE_integer("num_per_prompt", 4, "Evaluation noises per prompt at each point.")
-flags.mark_flags_as_required(["config", "workdir"])
+def define_flags() -> None:
+  """The command's flags; defined only when it runs as a program (other modules, e.g.
+  `cf3d_jax.main`, define `--config` too)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run folder (as for cf3d_jax.main).")
+  flags.DEFINE_integer("every", 900, "Training steps between evaluation points.")
+  flags.DEFINE_list("scales", ["3", "7", "15"], "Guidance scales evaluated at each point.")
+  flags.DEFINE_integer("num_per_prompt", 4, "Evaluation noises per prompt at each point (>= 2).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   try:
-    scales = tuple(float(s) for s in _SCALES.value)
+    scales = tuple(float(s) for s in f.scales)
   except ValueError:
-    print(f"error: --scales={','.join(_SCALES.value)}: expected numbers", file=sys.stderr)
+    print(f"error: --scales={','.join(f.scales)}: expected numbers", file=sys.stderr)
     sys.exit(2)
   try:
-    name = flags.FLAGS["config"].serialize().split("=", 1)[1]   # configs/demo.py:showcase
-    training_curve(_CONFIG.value, _WORKDIR.value, name, _EVERY.value, scales, _NUM.value)
+    name = f["config"].serialize().split("=", 1)[1]   # configs/demo.py:showcase
+    training_curve(f.config, f.workdir, name, f.every, scales, f.num_per_prompt)
   except Cf3dError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -23,10 +23,15 @@ def _fast_compiles() -> None:
   if "xla_backend_optimization_level" not in flags:
     os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
     # xdist workers share their controller's environment: the first process to get here
-    # (the controller, or a plain pytest run) chooses the folder, and the workers inherit it.
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="cf3d-test-jax-cache-")
+    # (the controller, or a plain pytest run) chooses the folder, the workers inherit it, and
+    # the process that made it removes it when it exits.
+    folder = tempfile.mkdtemp(prefix="cf3d-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 

@@ -83,3 +83,16 @@ def test_training_curve_smoke(tmp_path):
   again = curve.training_curve(c, workdir, "configs/demo.py:smoke", every=2, scales=(3.0,),
                                num_per_prompt=2)
   assert again["rows"] == out["rows"]
+
+
+def test_importing_defines_no_flags_and_the_cli_errors_in_one_line(tmp_path):
+  """cf3d_jax.main defines --config too: the curve's flags exist only when it runs."""
+  import subprocess
+  import sys
+  from absl import flags
+  assert not {"every", "scales", "num_per_prompt"} & set(flags.FLAGS)
+  proc = subprocess.run([sys.executable, "-m", "cf3d_jax.curve", "--config=configs/demo.py:smoke",
+                         f"--workdir={tmp_path / 'run'}", "--num_per_prompt=1"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "two noises per prompt" in proc.stderr
+  assert not (tmp_path / "run").exists()
