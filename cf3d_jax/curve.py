@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cf3d_jax.errors import Cf3dError, ConfigError
-from cf3d_jax.files import atomic_path, write_text
+from cf3d_jax.files import write_text
 
 CURVE_FORMAT = "cf3d_jax.curve/1"
 # Dashed reference lines of the plot: the demo's targets (docs/results.md, "What makes the
@@ -90,9 +90,8 @@ def curve_markdown(curve: dict) -> str:
 
 def plot_curve(curve: dict, path: str) -> None:
   """Class-hit rate and FID / floor against training minutes, one line per guidance scale."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from cf3d_jax.evaluate import pyplot, save_png
+  plt = pyplot()
   rows = curve["rows"]
   keys = list(rows[0]["scales"]) if rows else []
   fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -113,9 +112,7 @@ def plot_curve(curve: dict, path: str) -> None:
     ax.set_xlabel("training minutes")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+  save_png(fig, path)
 
 
 def _load(path: str, header: dict) -> dict:

@@ -274,11 +274,24 @@ def results_markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_guidance(result: dict, path: str) -> None:
-  """Alignment (if a classifier was found) and preservation against the guidance scale."""
+def pyplot():
+  """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def save_png(fig, path: str) -> None:
+  """Writes `fig` to `path` atomically as PNG and closes it."""
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
+  pyplot().close(fig)
+
+
+def plot_guidance(result: dict, path: str) -> None:
+  """Alignment (if a classifier was found) and preservation against the guidance scale."""
+  plt = pyplot()
   rows = _by_scale(result)
   w = [row["guidance_scale"] for row in rows]
   fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -289,6 +302,4 @@ def plot_guidance(result: dict, path: str) -> None:
   ax.set_ylim(0, 1.02)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  plt.close(fig)
+  save_png(fig, path)
