@@ -128,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.preconditioning = "none"        # 'none' (WDM, MAISI) | 'skip' (EDM-style, see objectives)
   c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
   c.objective.loss_weighting = "none"         # 'none' | 'edm' (1/c_out²: unit-variance targets per noise level and channel; needs 'skip') | 'min_snr' (ddpm x0)
+  c.objective.snr_range = (0.0, 5.0)          # 'min_snr': x0 weight clip(SNR_t, lo, hi); (0, 5) = Hang et al.'s min-SNR-5
   c.objective.sigma_data_channels = ()        # 'skip': one std per diffused channel (e.g. per Haar subband); () = sigma_data for all
   # DDPM only:
   c.objective.beta_schedule = "linear"        # 'linear' | 'scaled_linear'
@@ -446,6 +447,7 @@ RANGES: dict[str, Rule] = {
     "objective.sigma_data": _POS,
     "objective.loss_weighting": _one_of("none", "edm", "min_snr"),
     "objective.sigma_data_channels": _seq(_POS),
+    "objective.snr_range": _seq(_NONNEG, length=2),
     "objective.beta_schedule": _one_of("linear", "scaled_linear"),
     "objective.beta_start": _num(0, 1, lo_open=True, hi_open=True),
     "objective.beta_end": _num(0, 1, lo_open=True, hi_open=True),

@@ -45,6 +45,14 @@ def check_loss_weighting(cfg, preconditioning: str, allowed: tuple[str, ...]) ->
   return weighting
 
 
+def check_snr_range(cfg) -> tuple[float, float]:
+  """Resolves `config.objective.snr_range` (lo, hi) of the 'min_snr' weighting: 0 ≤ lo ≤ hi."""
+  value = tuple(float(v) for v in cfg.get("snr_range", (0.0, MIN_SNR_GAMMA)))
+  if len(value) != 2 or not 0.0 <= value[0] <= value[1]:
+    raise ConfigError(f"config.objective.snr_range={value!r}: expected (lo, hi) with 0 <= lo <= hi")
+  return value
+
+
 def check_loss(kind: str, default: str) -> str:
   """Resolves `config.objective.loss` ('default' → the family's own)."""
   kind = default if kind == "default" else kind

@@ -36,7 +36,8 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSS_WEIGHTINGS, MIN_SNR_GAMMA, ClipFn, ModelEval,
-                                        check_loss, check_loss_weighting, per_example_loss,
+                                        check_loss, check_loss_weighting, check_snr_range,
+                                        per_example_loss,
                                         sigma_data_array, sigma_data_from_config)
 
 PREDICTIONS = ("x0", "eps", "v")
@@ -95,7 +96,8 @@ class DDPM:
   sampler: str = "ddim"
   ancestral_variance: str = "fixed_small"
   loss_kind: str = "mse"
-  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: min(SNR, 5))
+  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: clip(SNR, lo, hi))
+  snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
   final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
 
   @classmethod
@@ -132,7 +134,8 @@ class DDPM:
               sigma_data=sigma_data_from_config(cfg), sampler=sampler,
               ancestral_variance=variance,
               loss_kind=check_loss(cfg.get("loss", "default"), "mse"),
-              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS))
+              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS),
+              snr_range=check_snr_range(cfg))
     if obj.loss_weighting == "min_snr" and obj.prediction != "x0":
       raise ConfigError("config.objective.loss_weighting='min_snr' is implemented for "
                         f"prediction='x0'; got {obj.prediction!r}")
@@ -181,13 +184,15 @@ class DDPM:
     """Per-(example, channel) loss weight at timesteps t `[N]`, broadcasting against `like`:
     'edm' = 1/c_out² (the loss becomes the MSE of the network output F against its unit-variance
     target, per channel: every noise level and every subband counts alike); 'min_snr' =
-    min(SNR_t, 5) for x0 prediction (Hang et al. 2023); 'none' = None."""
+    clip(SNR_t, lo, hi) for x0 prediction, `snr_range` (lo, hi): (0, 5) is Hang et al. 2023's
+    min-SNR-5; lo = 1 also keeps the high-noise steps, where the text decides what x0 holds, at
+    weight ≥ 1 (Salimans & Ho 2022's truncated SNR); 'none' = None."""
     if self.loss_weighting == "none":
       return None
     ab = jnp.asarray(self.alpha_bar, jnp.float32)
     a, s = _gather(jnp.sqrt(ab), t, like), _gather(jnp.sqrt(1 - ab), t, like)
     if self.loss_weighting == "min_snr":
-      return jnp.minimum(a ** 2 / s ** 2, MIN_SNR_GAMMA)
+      return jnp.clip(a ** 2 / s ** 2, *self.snr_range)
     sd = sigma_data_array(self.sigma_data, like)
     return (a ** 2 * sd ** 2 + s ** 2) / (sd * s) ** 2
 

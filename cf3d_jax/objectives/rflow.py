@@ -34,7 +34,7 @@ import numpy as np
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSS_WEIGHTINGS, MIN_SNR_GAMMA, ClipFn, ModelEval, bcast,
                                         check_loss,
-                                        check_loss_weighting, per_example_loss,
+                                        check_loss_weighting, check_snr_range, per_example_loss,
                                         sigma_data_array, sigma_data_from_config)
 
 SAMPLERS = ("euler", "heun")
@@ -76,7 +76,8 @@ class RectifiedFlow:
   preconditioning: str = "none"
   sigma_data: float | tuple[float, ...] = 0.5   # scalar, or one std per channel
   loss_kind: str = "l1"
-  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (min(SNR, 5)·s²)
+  loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (clip(SNR, lo, hi)·s²)
+  snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
   final_time = 0.0
 
   @classmethod
@@ -112,7 +113,8 @@ class RectifiedFlow:
               sampler=sampler, time_sampling=time_sampling, logit_normal=(loc, scale),
               ratio=ratio, preconditioning=precond, sigma_data=sigma_data_from_config(cfg),
               loss_kind=check_loss(cfg.get("loss", "default"), "l1"),
-              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS))
+              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS),
+              snr_range=check_snr_range(cfg))
     obj.timesteps()  # validates the step count early.
     return obj
 
@@ -150,7 +152,7 @@ class RectifiedFlow:
 
   def loss_weight(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray | None:
     """'edm': 1/c_out² per (example, channel) — the loss of the network output F against its
-    unit-variance target (squared for MSE; for L1 the same factor); 'min_snr': min(SNR, 5)·s²
+    unit-variance target (squared for MSE; for L1 the same factor); 'min_snr': clip(SNR, lo, hi)·s²
     with SNR = ((1 − s)/s)², the x0-space min-SNR weight carried to the velocity
     (x0 = z_t + s·v, so an x0 error is s times a velocity error); 'none': None."""
     if self.loss_weighting == "none":
@@ -158,7 +160,7 @@ class RectifiedFlow:
     s = self._s(t, like)
     if self.loss_weighting == "min_snr":
       s = jnp.clip(s, 1e-6, 1.0)
-      return jnp.minimum(((1 - s) / s) ** 2, MIN_SNR_GAMMA) * s ** 2
+      return jnp.clip(((1 - s) / s) ** 2, *self.snr_range) * s ** 2
     sd = sigma_data_array(self.sigma_data, like)
     return ((1 - s) ** 2 * sd ** 2 + s ** 2) / sd ** 2
 
