@@ -186,7 +186,7 @@ class DDPM:
     target, per channel: every noise level and every subband counts alike); 'min_snr' =
     clip(SNR_t, lo, hi) for x0 prediction, `snr_range` (lo, hi): (0, 5) is Hang et al. 2023's
     min-SNR-5; lo = 1 also keeps the high-noise steps at weight ≥ 1 (Salimans & Ho 2022's truncated
-    SNR; at demo size it weakened the prompt effect, ../shared/FINDINGS.md); 'none' = None."""
+    SNR; measured at demo size, it weakened the prompt effect); 'none' = None."""
     if self.loss_weighting == "none":
       return None
     ab = jnp.asarray(self.alpha_bar, jnp.float32)
