@@ -164,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
                       "Subject has high lesion load.")   # first = the factual reference
   c.sample.guidance_scales = (1.0,)           # CFG w: out = u + w (c − u); 1 = conditional only
   c.sample.guidance_interval = (0.0, 1.0)     # CFG only where t/T lies in [lo, hi] (1 = pure noise); elsewhere w = 1
+  c.sample.guidance_negative = "null"         # what a prompt is guided against: 'null' = the null text (CFG, the paper's); 'factual' = counterfactual prompts against the factual prompt (contrastive: out_A + w (out_B − out_A))
   c.sample.num_subjects = 8                   # K fixed noises
   c.sample.batch_size = 8                     # volumes per sampler call
   c.sample.use_ema = True
@@ -475,6 +476,7 @@ RANGES: dict[str, Rule] = {
     "sample.prompts": _seq(_NONEMPTY_TEXT, min_len=1),
     "sample.guidance_scales": _seq(_NONNEG, min_len=1),
     "sample.guidance_interval": _seq(_num(0, 1), length=2),
+    "sample.guidance_negative": _one_of("null", "factual"),
     "sample.num_subjects": _POS_INT,
     "sample.batch_size": _POS_INT,
     "sample.use_ema": _BOOL,

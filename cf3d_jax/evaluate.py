@@ -46,7 +46,8 @@ from cf3d_jax.files import atomic_path, write_text
 from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
 from cf3d_jax.metrics import phantom as phantom_lib
-from cf3d_jax.sample import SAMPLE_STREAM, _restore, make_sampler, mesh_kwargs, subject_noise
+from cf3d_jax.sample import SAMPLE_STREAM, _restore, guidance_negatives, make_sampler, \
+    mesh_kwargs, subject_noise
 from cf3d_jax.text import prompts as prompt_lib
 
 EVAL_STREAM = 2_000_033   # subject k's evaluation noise = subject_noise(seed + EVAL_STREAM, k)
@@ -107,9 +108,12 @@ def _generate(r, config, scale: float) -> np.ndarray:
     chunk = items[start:start + bsz]
     padded = chunk + [chunk[-1]] * (bsz - len(chunk))
     z = jnp.stack([subject_noise(config.seed + EVAL_STREAM, k, z_shape) for k, _ in padded])
-    x = run(r["params"], z, jnp.asarray(r["emb"][[p for _, p in padded]]),
-            jnp.asarray(r["mask"][[p for _, p in padded]]),
-            jax.random.fold_in(jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), start))
+    rows = [p for _, p in padded]
+    neg = guidance_negatives(config.sample.guidance_negative, r["emb"][rows], r["mask"][rows],
+                             r["emb"][[0] * len(rows)], r["mask"][[0] * len(rows)], r["null"])
+    x = run(r["params"], z, r["emb"][rows], r["mask"][rows],
+            jax.random.fold_in(jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), start),
+            *neg)
     for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk)]):
       out[k, p] = v
   return out

@@ -352,14 +352,21 @@ class Counterfactuals:
 
 def _decode(gen: Generator, z: np.ndarray, prompt_set: PromptSet, guidance: float, key,
             deterministic: bool = False, depth: float = 1.0,
-            batch_size: int | None = None) -> np.ndarray:
-  """Decodes noises `z [P, ...]` under the prompts: `[P, D, H, W]`, in batches of one size."""
-  from cf3d_jax.sample import _batched
+            batch_size: int | None = None, factual: PromptSet | None = None) -> np.ndarray:
+  """Decodes noises `z [P, ...]` under the prompts: `[P, D, H, W]`, in batches of one size.
+
+  Each prompt is guided against the text `config.sample.guidance_negative` names: the null
+  text, or ('factual') the factual prompt — `factual` (one prompt), else the first prompt."""
+  from cf3d_jax.sample import _batched, guidance_negatives
   run = gen.sampler(guidance, deterministic, depth)
   n = len(prompt_set.prompts)
   bsz = min(int(batch_size or gen.config.sample.batch_size), n)
-  x = _batched(lambda zz, e, m: run(gen.parts["params"], zz, e, m, key), n, bsz,
-               np.asarray(z), prompt_set.emb, prompt_set.mask)
+  ref = factual or prompt_set
+  neg_e, neg_m = guidance_negatives(gen.config.sample.guidance_negative, prompt_set.emb,
+                                    prompt_set.mask, np.repeat(ref.emb[:1], n, 0),
+                                    np.repeat(ref.mask[:1], n, 0), gen.parts["null"])
+  x = _batched(lambda zz, e, m, ne, nm: run(gen.parts["params"], zz, e, m, key, ne, nm), n, bsz,
+               np.asarray(z), prompt_set.emb, prompt_set.mask, neg_e, neg_m)
   return np.asarray(x[..., 0], np.float32)
 
 
@@ -400,7 +407,8 @@ def invert_scan(gen: Generator, path: str, factual: PromptSet, prompt_set: Promp
   z_t = np.asarray(invert(gen.parts["params"], volume[None, ..., None], factual.emb, factual.mask))
   zs = np.broadcast_to(z_t[0], (len(prompt_set.prompts),) + z_t.shape[1:])
   key = jax.random.key(int(gen.config.seed) + SAMPLE_STREAM)
-  volumes = _decode(gen, zs, prompt_set, guidance, key, deterministic=True, depth=depth)
+  volumes = _decode(gen, zs, prompt_set, guidance, key, deterministic=True, depth=depth,
+                    factual=factual)
   return Counterfactuals(volumes, prompt_set, float(guidance), int(gen.config.seed), 0, gen.step,
                          gen.affine, source=os.path.abspath(path), input=volume)
 

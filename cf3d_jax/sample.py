@@ -82,7 +82,11 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
                  deterministic: bool = False, depth: float = 1.0, mesh=None,
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
                  interval: tuple[float, float] = (0.0, 1.0), edit_masks=None):
-  """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]`.
+  """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
+
+  The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
+  guided against (contrastive guidance, `guidance_negatives`); absent = the null text
+  (`null_emb [L,E]`, `null_mask [L]`) for every item, the paper's classifier-free guidance.
 
   deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
   interval: the guidance interval (fractions of T, `guidance.guided`).
@@ -97,7 +101,7 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
   """
   sp_placed = placed(space, mesh, rules)
 
-  def run(params, space_params, z_start, emb, mask, *rest):
+  def run(params, space_params, z_start, emb, mask, neg_emb, neg_mask, *rest):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
     if edit_masks is None:
@@ -107,21 +111,64 @@ def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
       known = jnp.swapaxes(known, 0, 1)                  # [S', B, ...] for the scan
     key = jax.random.wrap_key_data(key_data)
     sp = sp_placed.with_params(space_params)
-    fn = guided(model_fn, scale, jnp.asarray(null_emb), jnp.asarray(null_mask), interval,
-                objective.num_train_steps)
-    x = sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
-                              deterministic=deterministic, depth=depth, known=known,
-                              edit_mask=mask_z))
+    fn = guided(model_fn, scale, neg_emb, neg_mask, interval, objective.num_train_steps)
+    # Images live in [-1, 1]: the last clamp removes the inverse transform's rounding (±1e-7).
+    x = jnp.clip(sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
+                                       deterministic=deterministic, depth=depth, known=known,
+                                       edit_mask=mask_z)), -1.0, 1.0)
     if edit_masks is None:
       return x
     return mask_img * x + (1 - mask_img) * x_input
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
+
+  def negatives(emb, neg_emb, neg_mask):
+    """The per-item negative text `[B,L,E]`, `[B,L]`: the given one, else the null text."""
+    if (neg_emb is None) != (neg_mask is None):
+      raise ValueError("give both neg_emb and neg_mask, or neither")
+    if neg_emb is None:
+      b = np.shape(emb)[0]
+      neg_emb = np.broadcast_to(np.asarray(null_emb), (b,) + np.shape(null_emb))
+      neg_mask = np.broadcast_to(np.asarray(null_mask), (b,) + np.shape(null_mask))
+    if np.shape(neg_emb) != np.shape(emb):
+      raise ValueError(f"neg_emb has shape {np.shape(neg_emb)}; expected emb's {np.shape(emb)}")
+    return neg_emb, neg_mask
+
   if edit_masks is None:
-    return lambda params, z_start, emb, mask, key: call(params, (z_start, emb, mask),
-                                                        (_key_data(key),))
-  return lambda params, z_start, emb, mask, key, known, x_input: call(
-      params, (z_start, emb, mask, known, x_input), (_key_data(key),) + tuple(edit_masks))
+    return lambda params, z_start, emb, mask, key, neg_emb=None, neg_mask=None: call(
+        params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask), (_key_data(key),))
+  return lambda params, z_start, emb, mask, key, known, x_input, neg_emb=None, neg_mask=None: call(
+      params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask) + (known, x_input),
+      (_key_data(key),) + tuple(edit_masks))
+
+
+GUIDANCE_NEGATIVES = ("null", "factual")
+
+
+def guidance_negatives(mode: str, emb: np.ndarray, mask: np.ndarray, factual_emb: np.ndarray,
+                       factual_mask: np.ndarray, null: tuple[np.ndarray, np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """The text each item is guided against (`config.sample.guidance_negative`): `[B,L,E]`, `[B,L]`.
+
+  emb `[B,L,E]`, mask `[B,L]`: each item's prompt; factual_emb / factual_mask: the same item's
+  factual prompt (the first prompt, or a given scan's own); null `([L,E], [L])`.
+  'null': every item against the null text (classifier-free guidance, the paper's).
+  'factual' (contrastive guidance): an item whose prompt is its factual prompt against the null
+  text, every other item against its factual prompt, so `w` scales the difference between the
+  two prompts' predictions: `out = out_A + w (out_B − out_A)`.
+  """
+  emb, mask = np.asarray(emb), np.asarray(mask)
+  null_e = np.broadcast_to(np.asarray(null[0], emb.dtype), emb.shape)
+  null_m = np.broadcast_to(np.asarray(null[1], mask.dtype), mask.shape)
+  if mode == "null":
+    return null_e, null_m
+  if mode != "factual":
+    raise ConfigError(f"config.sample.guidance_negative={mode!r}: expected one of "
+                      f"{GUIDANCE_NEGATIVES}")
+  factual_emb, factual_mask = np.asarray(factual_emb), np.asarray(factual_mask)
+  same = (np.all(emb == factual_emb, axis=(1, 2)) & np.all(mask == factual_mask, axis=1))
+  return (np.where(same[:, None, None], null_e, factual_emb).astype(emb.dtype),
+          np.where(same[:, None], null_m, factual_mask).astype(mask.dtype))
 
 
 def _key_data(key: jax.Array) -> np.ndarray:
@@ -272,6 +319,17 @@ def _summarise(result: dict, entries: list[dict], prompts: list[str], scales, ru
   return effects
 
 
+def _guidance_record(config, factual: str) -> dict:
+  """What index.json says about guidance: the formula, the negative text and the interval."""
+  contrastive = config.sample.guidance_negative == "factual"
+  return {"negative": config.sample.guidance_negative,
+          "formula": ("out = out_neg + w (out_prompt − out_neg); neg = the factual prompt "
+                      f"({factual}) for counterfactual prompts, the null text for the factual one"
+                      if contrastive else
+                      "out = out_null + w (out_prompt − out_null) (classifier-free guidance)"),
+          "interval": [float(v) for v in config.sample.guidance_interval]}
+
+
 def _report(effects: dict[str, dict], prompts: list[str], out_dir: str) -> None:
   """Logs the per-prompt table (means, class-hit rates, ordering) and where it came from."""
   if effects:
@@ -307,9 +365,11 @@ def sample_counterfactuals(config, workdir: str) -> dict:
       chunk = items[start:start + bsz]
       padded = chunk + [chunk[-1]] * (bsz - len(chunk))   # one compiled shape for every call
       z = jnp.stack([subject_noise(config.seed, k, z_shape) for k, _ in padded])
-      x = run(r["params"], z, jnp.asarray(emb[[p for _, p in padded]]),
-              jnp.asarray(mask[[p for _, p in padded]]),
-              jax.random.fold_in(jax.random.key(config.seed + SAMPLE_STREAM), start))
+      rows = [p for _, p in padded]
+      neg = guidance_negatives(config.sample.guidance_negative, emb[rows], mask[rows],
+                               emb[[0] * len(rows)], mask[[0] * len(rows)], r["null"])
+      x = run(r["params"], z, emb[rows], mask[rows],
+              jax.random.fold_in(jax.random.key(config.seed + SAMPLE_STREAM), start), *neg)
       for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk), ..., 0]):
         volumes[(k, p)] = v
     for k in range(config.sample.num_subjects):
@@ -325,6 +385,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
         montage(sub_dir + ".png", [volumes[(k, p)] for p in range(len(prompts))], prompts)
   result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
             "guidance_scales": [float(g) for g in config.sample.guidance_scales],
+            "guidance": _guidance_record(config, prompts[0]),
             "num_subjects": config.sample.num_subjects, "items": entries}
   effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
   if parallel.is_writer():
@@ -500,12 +561,16 @@ def sample_from_sources(config, workdir: str) -> dict:
     run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
                        deterministic=True, depth=depth, edit_masks=masks,
                        interval=tuple(config.sample.guidance_interval), **on_mesh)
+    neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, r["emb"][ps],
+                                      r["mask"][ps], f_emb[ks], f_mask[ks], r["null"])
     if masks is None:
-      x = _batched(lambda z, e, m: run(r["params"], z, e, m, key), len(items), bsz,
-                   z_T[ks], r["emb"][ps], r["mask"][ps])
+      x = _batched(lambda z, e, m, ne, nm: run(r["params"], z, e, m, key, ne, nm), len(items),
+                   bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m)
     else:
-      x = _batched(lambda z, e, m, kn, xin: run(r["params"], z, e, m, key, kn, xin),
-                   len(items), bsz, z_T[ks], r["emb"][ps], r["mask"][ps], known[ks], inputs[ks])
+      x = _batched(lambda z, e, m, ne, nm, kn, xin: run(r["params"], z, e, m, key, kn, xin, ne,
+                                                        nm),
+                   len(items), bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m,
+                   known[ks], inputs[ks])
     scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
     for k, src in enumerate(sources):
       sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
@@ -530,6 +595,7 @@ def sample_from_sources(config, workdir: str) -> dict:
                 ["input: " + os.path.basename(src["path"])] + prompts)
   result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
             "guidance_scales": [float(g) for g in config.sample.guidance_scales],
+            "guidance": _guidance_record(config, "each scan's factual prompt"),
             "num_subjects": n, "objective": config.objective.name,
             "inversion": {"sampler_steps": int(len(r["objective"].timesteps())),
                           "depth": depth,

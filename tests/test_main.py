@@ -43,7 +43,8 @@ def test_demo_all_mode_end_to_end(tmp_path):
   scans = [os.path.join(workdir, "samples", index["items"][i]["nifti"]) for i in (0, 2)]
   proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample",
                   "--config.sample.source=" + ",".join(scans),
-                  "--config.sample.guidance_scales=(1.0,)"])
+                  "--config.sample.guidance_scales=(3.0,)",
+                  "--config.sample.guidance_negative=factual"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   real = json.load(open(os.path.join(workdir, "samples_source", "index.json")))
   assert [s["path"] for s in real["sources"]] == scans
@@ -53,9 +54,10 @@ def test_demo_all_mode_end_to_end(tmp_path):
   for item in real["items"]:
     assert os.path.exists(os.path.join(workdir, "samples_source", item["nifti"]))
     assert np.isfinite(item["psnr_vs_input_db"])
-  assert os.path.exists(os.path.join(workdir, "samples_source", "g1", "subject_001",
+  assert os.path.exists(os.path.join(workdir, "samples_source", "g3", "subject_001",
                                      "input.nii.gz"))
-  assert os.path.exists(os.path.join(workdir, "samples_source", "g1", "subject_001.png"))
+  assert os.path.exists(os.path.join(workdir, "samples_source", "g3", "subject_001.png"))
+  assert index["guidance"]["negative"] == "null" and real["guidance"]["negative"] == "factual"
 
 
 def test_demo_switches_to_rectified_flow_with_one_override(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from cf3d_jax.config_base import load_config_file
 from cf3d_jax.data import phantoms
 from cf3d_jax.errors import ConfigError, DataError
-from cf3d_jax.sample import edit_masks
+from cf3d_jax.sample import edit_masks, guidance_negatives
 
 
 @pytest.fixture
@@ -47,3 +47,33 @@ def test_nifti_mask_is_checked_against_the_grid(config, tmp_path):
   config.sample.edit_mask = empty
   with pytest.raises(DataError, match="empty"):
     edit_masks(config, None, (8, 8, 8, 8))
+
+
+def test_guidance_negatives_per_item():
+  """'null': every item against the null text; 'factual': an item against its factual prompt,
+  except the factual prompt itself (against null)."""
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(3, 2, 4)).astype(np.float32)        # prompts A, B, C
+  mask = np.asarray([[True, True], [True, False], [True, True]])
+  null = (np.zeros((2, 4), np.float32), np.asarray([True, False]))
+  fact_e, fact_m = np.repeat(emb[:1], 3, 0), np.repeat(mask[:1], 3, 0)
+  ne, nm = guidance_negatives("null", emb, mask, fact_e, fact_m, null)
+  np.testing.assert_array_equal(ne, np.zeros_like(emb))
+  np.testing.assert_array_equal(nm, np.repeat(null[1][None], 3, 0))
+  ne, nm = guidance_negatives("factual", emb, mask, fact_e, fact_m, null)
+  assert ne.shape == emb.shape and ne.dtype == emb.dtype and nm.dtype == mask.dtype
+  np.testing.assert_array_equal(ne[0], null[0])               # A is the factual: against null
+  np.testing.assert_array_equal(nm[0], null[1])
+  np.testing.assert_array_equal(ne[1:], fact_e[1:])           # B, C against A
+  np.testing.assert_array_equal(nm[1:], fact_m[1:])
+  with pytest.raises(ConfigError, match="guidance_negative"):
+    guidance_negatives("prompt", emb, mask, fact_e, fact_m, null)
+
+
+def test_guidance_negative_is_validated(config):
+  from cf3d_jax.config_base import validate
+  config.sample.guidance_negative = "factual"
+  validate(config, "sample")
+  config.sample.guidance_negative = "prompt"
+  with pytest.raises(ConfigError, match="sample.guidance_negative"):
+    validate(config, "sample")

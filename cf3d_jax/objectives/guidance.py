@@ -4,6 +4,10 @@ Guidance convention: `out = out_null + w * (out_cond - out_null)` applied to the
 (for x0/eps/v parameterisations this is the same linear combination of the implied eps at fixed
 z_t). `w = 1` is the conditional model alone and skips the null pass ("no CFG"); `w = 0` is the
 unconditional model. The conditional and null passes run as ONE batched forward call.
+
+The "null" branch may be any text per item (contrastive guidance): with the factual prompt A as
+the negative of a counterfactual prompt B, `out = out_A + w (out_B − out_A)` extrapolates along
+the direction that separates the two prompts, instead of along prompt-vs-nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.nda
 
 def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jnp.ndarray,
            interval: tuple[float, float] = (0.0, 1.0), num_train_steps: int = 1000) -> ModelFn:
-  """Wraps `model_fn` with CFG at a static `scale`; null_emb `[L, E]`, null_mask `[L]`.
+  """Wraps `model_fn` with CFG at a static `scale`.
+
+  null_emb `[L, E]` and null_mask `[L]` (the null text, the same for every item), or `[N, L, E]`
+  and `[N, L]` (a negative text per item: contrastive guidance, module docstring).
 
   interval `(lo, hi)`: guidance acts only where the model time t lies in [lo·T, hi·T]
   (T = `num_train_steps`; t = T is pure noise), elsewhere the conditional output is used

@@ -137,6 +137,18 @@ def test_guidance_batches_cond_and_null_in_one_call():
   assert guidance.guided(model_fn, 1.0, null, jnp.ones((1,), bool)) is model_fn
 
 
+def test_guidance_takes_a_negative_text_per_item():
+  """Contrastive guidance: item i is guided against its own negative text (out = n + w (c − n))."""
+  def model_fn(z, t, emb, mask):
+    return z * 0 + emb[:, :1, :1, None, None]
+
+  neg = jnp.asarray([[[2.0]], [[4.0]]])                      # [N, L, E]: one per item
+  fn = guidance.guided(model_fn, 3.0, neg, jnp.ones((2, 1), bool))
+  out = fn(jnp.zeros((2, 1, 1, 1, 1)), jnp.zeros((2,)), jnp.full((2, 1, 1), 5.0),
+           jnp.ones((2, 1), bool))
+  np.testing.assert_allclose(out[:, 0, 0, 0, 0], [2.0 + 3.0 * 3.0, 4.0 + 3.0 * 1.0])
+
+
 def test_bad_config_values_name_the_key():
   with pytest.raises(ConfigError, match="config.objective.prediction"):
     make_objective(_cfg(prediction="score"))
