@@ -164,7 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
                       "Subject has high lesion load.")   # first = the factual reference
   c.sample.guidance_scales = (1.0,)           # CFG w: out = u + w (c − u); 1 = conditional only
   c.sample.guidance_interval = (0.0, 1.0)     # CFG only where t/T lies in [lo, hi] (1 = pure noise); elsewhere w = 1
-  c.sample.guidance_negative = "null"         # what a prompt is guided against: 'null' = the null text (CFG, the paper's); 'factual' = counterfactual prompts against the factual prompt (contrastive: out_A + w (out_B − out_A))
+  c.sample.guidance_negative = "null"         # what a prompt is guided against: 'null' = the null text (CFG, the paper's); 'factual' = against the factual prompt A (contrastive: out_A + w (out_B − out_A); the factual is out_A at every w)
   c.sample.num_subjects = 8                   # K fixed noises
   c.sample.batch_size = 8                     # volumes per sampler call
   c.sample.use_ema = True

@@ -153,9 +153,11 @@ def guidance_negatives(mode: str, emb: np.ndarray, mask: np.ndarray, factual_emb
   emb `[B,L,E]`, mask `[B,L]`: each item's prompt; factual_emb / factual_mask: the same item's
   factual prompt (the first prompt, or a given scan's own); null `([L,E], [L])`.
   'null': every item against the null text (classifier-free guidance, the paper's).
-  'factual' (contrastive guidance): an item whose prompt is its factual prompt against the null
-  text, every other item against its factual prompt, so `w` scales the difference between the
-  two prompts' predictions: `out = out_A + w (out_B − out_A)`.
+  'factual' (contrastive guidance): every item against its factual prompt A. A counterfactual
+  prompt B gives `out = out_A + w (out_B − out_A)`: w scales the difference between the two
+  prompts' predictions; the factual item (B = A) is the conditional model `out_A` at every w.
+  Factual and counterfactual share the base `out_A`, so the subject outside the region the
+  prompts disagree on is kept, and the factual volume is the same across a guidance sweep.
   """
   emb, mask = np.asarray(emb), np.asarray(mask)
   null_e = np.broadcast_to(np.asarray(null[0], emb.dtype), emb.shape)
@@ -165,10 +167,7 @@ def guidance_negatives(mode: str, emb: np.ndarray, mask: np.ndarray, factual_emb
   if mode != "factual":
     raise ConfigError(f"config.sample.guidance_negative={mode!r}: expected one of "
                       f"{GUIDANCE_NEGATIVES}")
-  factual_emb, factual_mask = np.asarray(factual_emb), np.asarray(factual_mask)
-  same = (np.all(emb == factual_emb, axis=(1, 2)) & np.all(mask == factual_mask, axis=1))
-  return (np.where(same[:, None, None], null_e, factual_emb).astype(emb.dtype),
-          np.where(same[:, None], null_m, factual_mask).astype(mask.dtype))
+  return np.asarray(factual_emb, emb.dtype), np.asarray(factual_mask, mask.dtype)
 
 
 def _key_data(key: jax.Array) -> np.ndarray:
@@ -323,8 +322,8 @@ def _guidance_record(config, factual: str) -> dict:
   """What index.json says about guidance: the formula, the negative text and the interval."""
   contrastive = config.sample.guidance_negative == "factual"
   return {"negative": config.sample.guidance_negative,
-          "formula": ("out = out_neg + w (out_prompt − out_neg); neg = the factual prompt "
-                      f"({factual}) for counterfactual prompts, the null text for the factual one"
+          "formula": ("out = out_factual + w (out_prompt − out_factual), factual = "
+                      f"{factual} (the factual itself: the conditional model at every w)"
                       if contrastive else
                       "out = out_null + w (out_prompt − out_null) (classifier-free guidance)"),
           "interval": [float(v) for v in config.sample.guidance_interval]}
