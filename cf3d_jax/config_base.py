@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2                         # batches read ahead per process (0 = synchronous)
   c.data.read_threads = 2                     # threads reading ahead in each process (prefetch > 0)
   c.data.prepare_workers = -1                 # prepare: scan-conforming processes; -1 = min(cpus, 16), 0/1 = in-process
-  c.data.max_scan_gb = 1.0                    # prepare: reject a scan whose header claims more (shape × float32), before reading it
+  c.data.max_scan_gb = 1.0                    # prepare: reject a scan whose reading would peak above this (header shape × (stored bytes + 4 for the float32 copy)), before reading it
   c.data.augment = ml_collections.ConfigDict()  # train-time augmentation, all off by default
   c.data.augment.intensity_scale = 0.0        # s ~ U(1 - a, 1 + a): x ← clip(-1 + s (x + 1) + b, -1, 1)
   c.data.augment.intensity_shift = 0.0        # b ~ U(-a, a) (in units of the [-1, 1] range)

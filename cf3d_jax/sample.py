@@ -3,7 +3,9 @@
 For each of K subjects (noise `z_T[k] = normal(fold_in(key(seed + SAMPLE_STREAM), k))`, the same
 for every prompt and scale) the sampler decodes under each prompt of `config.sample.prompts`; the
 first prompt is the factual reference. Outputs under `WORKDIR/samples/`:
-  `g{scale}/subject_{k:03d}/{prompt-slug}.nii.gz`   each volume, with the dataset grid's affine;
+  `g{scale}/subject_{k:03d}/{prompt-slug}.nii.gz`   each volume, with the dataset grid's affine
+                                                      (slugs made unique: '-2', '-3' for prompts
+                                                      that differ only in case or punctuation);
   `g{scale}/subject_{k:03d}.png`                     montage: axial/coronal/sagittal mid-slices of
                                                       each prompt, then difference maps vs prompt 0;
   `index.json`                                       every item with its phantom measurement
@@ -21,10 +23,15 @@ under `WORKDIR/samples_source/` in the same layout (`subject_k` = the k-th scan)
 `subject_{k:03d}/input.nii.gz` (the conformed scan), montages whose first row is the input and
 whose differences are against it, and in index.json each scan's `reconstruction_psnr_db`
 (invert → decode under the factual prompt at w = 1) and each item's `psnr_vs_input_db`.
+
+Each run writes its whole output folder under a temporary name and renames it onto
+`samples/` (`samples_source/`) when complete: the folder never mixes files of two runs, and a
+killed run leaves the previous one in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
@@ -40,7 +47,7 @@ from cf3d_jax import config_base, parallel
 from cf3d_jax.data import nifti, phantoms, records
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
-from cf3d_jax.files import atomic_path, slug, write_text
+from cf3d_jax.files import atomic_dir, atomic_path, unique_slug, write_text
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
@@ -329,6 +336,24 @@ def _guidance_record(config, factual: str) -> dict:
           "interval": [float(v) for v in config.sample.guidance_interval]}
 
 
+def prompt_file_names(prompts: Sequence[str]) -> list[str]:
+  """One file name per prompt (`{slug}.nii.gz`), unique even when two prompts differ only in
+  case or punctuation ('High load.' and 'high load' → 'high-load', 'high-load-2')."""
+  used: set[str] = {"input"}   # samples_source/ keeps the conformed scan as input.nii.gz
+  return [unique_slug(p, used) + ".nii.gz" for p in prompts]
+
+
+@contextlib.contextmanager
+def output_folder(path: str):
+  """The folder a run writes into: on the writing process a fresh temporary folder that
+  replaces `path` when the block completes (`files.atomic_dir`); on other processes None."""
+  if parallel.is_writer():
+    with atomic_dir(path) as tmp:
+      yield tmp
+  else:
+    yield None
+
+
 def _report(effects: dict[str, dict], prompts: list[str], out_dir: str) -> None:
   """Logs the per-prompt table (means, class-hit rates, ordering) and where it came from."""
   if effects:
@@ -354,41 +379,43 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   items = [(k, p) for k in range(config.sample.num_subjects) for p in range(len(prompts))]
   bsz = config.sample.batch_size
   out_dir = os.path.join(workdir, "samples")
+  names = prompt_file_names(prompts)
   entries = []
-  for scale in config.sample.guidance_scales:
-    run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                       interval=tuple(config.sample.guidance_interval),
-                       **mesh_kwargs(r, bsz, "sample.batch_size"))
-    volumes = {}
-    for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch"):
-      chunk = items[start:start + bsz]
-      padded = chunk + [chunk[-1]] * (bsz - len(chunk))   # one compiled shape for every call
-      z = jnp.stack([subject_noise(config.seed, k, z_shape) for k, _ in padded])
-      rows = [p for _, p in padded]
-      neg = guidance_negatives(config.sample.guidance_negative, emb[rows], mask[rows],
-                               emb[[0] * len(rows)], mask[[0] * len(rows)], r["null"])
-      x = run(r["params"], z, emb[rows], mask[rows],
-              jax.random.fold_in(jax.random.key(config.seed + SAMPLE_STREAM), start), *neg)
-      for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk), ..., 0]):
-        volumes[(k, p)] = v
-    for k in range(config.sample.num_subjects):
-      sub_dir = os.path.join(out_dir, f"g{scale:g}", f"subject_{k:03d}")
-      for p, prompt in enumerate(prompts):
-        rel = os.path.join(f"g{scale:g}", f"subject_{k:03d}", slug(prompt) + ".nii.gz")
-        if parallel.is_writer():   # multi-host: every process samples, process 0 writes
-          nifti.save_volume(os.path.join(out_dir, rel), volumes[(k, p)], r["affine"])
-        entry = {"subject": k, "prompt": prompt, "guidance_scale": float(scale), "nifti": rel}
-        _ground_truth_stats(entry, volumes[(k, p)], rule, volumes[(k, 0)] if p else None)
-        entries.append(entry)
-      if parallel.is_writer():
-        montage(sub_dir + ".png", [volumes[(k, p)] for p in range(len(prompts))], prompts)
-  result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
-            "guidance_scales": [float(g) for g in config.sample.guidance_scales],
-            "guidance": _guidance_record(config, prompts[0]),
-            "num_subjects": config.sample.num_subjects, "items": entries}
-  effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
-  if parallel.is_writer():
-    write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
+  with output_folder(out_dir) as tmp_dir:   # None on processes that do not write
+    for scale in config.sample.guidance_scales:
+      run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+                         interval=tuple(config.sample.guidance_interval),
+                         **mesh_kwargs(r, bsz, "sample.batch_size"))
+      volumes = {}
+      for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch"):
+        chunk = items[start:start + bsz]
+        padded = chunk + [chunk[-1]] * (bsz - len(chunk))   # one compiled shape for every call
+        z = jnp.stack([subject_noise(config.seed, k, z_shape) for k, _ in padded])
+        rows = [p for _, p in padded]
+        neg = guidance_negatives(config.sample.guidance_negative, emb[rows], mask[rows],
+                                 emb[[0] * len(rows)], mask[[0] * len(rows)], r["null"])
+        x = run(r["params"], z, emb[rows], mask[rows],
+                jax.random.fold_in(jax.random.key(config.seed + SAMPLE_STREAM), start), *neg)
+        for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk), ..., 0]):
+          volumes[(k, p)] = v
+      for k in range(config.sample.num_subjects):
+        sub_dir = f"g{scale:g}/subject_{k:03d}"
+        for p, prompt in enumerate(prompts):
+          rel = os.path.join(sub_dir, names[p])
+          if tmp_dir is not None:   # multi-host: every process samples, process 0 writes
+            nifti.save_volume(os.path.join(tmp_dir, rel), volumes[(k, p)], r["affine"])
+          entry = {"subject": k, "prompt": prompt, "guidance_scale": float(scale), "nifti": rel}
+          _ground_truth_stats(entry, volumes[(k, p)], rule, volumes[(k, 0)] if p else None)
+          entries.append(entry)
+        if tmp_dir is not None:
+          montage(os.path.join(tmp_dir, sub_dir + ".png"), [volumes[(k, p)] for p in range(len(prompts))], prompts)
+    result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
+              "guidance_scales": [float(g) for g in config.sample.guidance_scales],
+              "guidance": _guidance_record(config, prompts[0]),
+              "num_subjects": config.sample.num_subjects, "items": entries}
+    effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
+    if tmp_dir is not None:
+      write_text(os.path.join(tmp_dir, "index.json"), json.dumps(result, indent=1))
   logging.info("wrote %d volumes to %s", len(entries), out_dir)
   _report(effects, prompts, out_dir)
   return result
@@ -555,62 +582,64 @@ def sample_from_sources(config, workdir: str) -> dict:
   items = [(k, p) for k in range(n) for p in range(len(prompts))]
   ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
   out_dir = os.path.join(workdir, "samples_source")
+  names = prompt_file_names(prompts)
   entries = []
-  for scale in config.sample.guidance_scales:
-    run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                       deterministic=True, depth=depth, edit_masks=masks,
-                       interval=tuple(config.sample.guidance_interval), **on_mesh)
-    neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, r["emb"][ps],
-                                      r["mask"][ps], f_emb[ks], f_mask[ks], r["null"])
-    if masks is None:
-      x = _batched(lambda z, e, m, ne, nm: run(r["params"], z, e, m, key, ne, nm), len(items),
-                   bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m)
-    else:
-      x = _batched(lambda z, e, m, ne, nm, kn, xin: run(r["params"], z, e, m, key, kn, xin, ne,
-                                                        nm),
-                   len(items), bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m,
-                   known[ks], inputs[ks])
-    scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
-    for k, src in enumerate(sources):
-      sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
-      write = parallel.is_writer()   # multi-host: every process samples, process 0 writes
-      if write:
-        nifti.save_volume(os.path.join(out_dir, sub, "input.nii.gz"), inputs[k, ..., 0],
-                          r["affine"])
-      vols = []
-      for i in np.flatnonzero(ks == k):
-        prompt = prompts[ps[i]]
-        rel = os.path.join(sub, slug(prompt) + ".nii.gz")
+  with output_folder(out_dir) as tmp_dir:   # None on processes that do not write
+    for scale in config.sample.guidance_scales:
+      run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+                         deterministic=True, depth=depth, edit_masks=masks,
+                         interval=tuple(config.sample.guidance_interval), **on_mesh)
+      neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, r["emb"][ps],
+                                        r["mask"][ps], f_emb[ks], f_mask[ks], r["null"])
+      if masks is None:
+        x = _batched(lambda z, e, m, ne, nm: run(r["params"], z, e, m, key, ne, nm), len(items),
+                     bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m)
+      else:
+        x = _batched(lambda z, e, m, ne, nm, kn, xin: run(r["params"], z, e, m, key, kn, xin, ne,
+                                                          nm),
+                     len(items), bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m,
+                     known[ks], inputs[ks])
+      scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
+      for k, src in enumerate(sources):
+        sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
+        write = tmp_dir is not None   # multi-host: every process samples, process 0 writes
         if write:
-          nifti.save_volume(os.path.join(out_dir, rel), x[i, ..., 0], r["affine"])
-        entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
-                 "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
-                 "psnr_vs_input_db": float(scores[i])}
-        _ground_truth_stats(entry, x[i, ..., 0], rule, inputs[k, ..., 0])
-        entries.append(entry)
-        vols.append(x[i, ..., 0])
-      if write:
-        montage(os.path.join(out_dir, sub) + ".png", [inputs[k, ..., 0]] + vols,
-                ["input: " + os.path.basename(src["path"])] + prompts)
-  result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
-            "guidance_scales": [float(g) for g in config.sample.guidance_scales],
-            "guidance": _guidance_record(config, "each scan's factual prompt"),
-            "num_subjects": n, "objective": config.objective.name,
-            "inversion": {"sampler_steps": int(len(r["objective"].timesteps())),
-                          "depth": depth,
-                          "refine_iters": int(config.sample.inversion_refine),
-                          "edit_mask": config.sample.edit_mask or None,
-                          "guidance": "conditional model (w = 1) under the factual prompt"},
-            "sources": [{"subject": k, "path": s["path"], "factual_prompt": factual[k],
-                         "reconstruction_psnr_db": float(recon_psnr[k])}
-                        for k, s in enumerate(sources)],
-            "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
-  if rule is not None:
-    for src, vol in zip(result["sources"], inputs[..., 0]):
-      src[f"input_{rule.stat}"] = rule.measure(vol)
-  effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
-  if parallel.is_writer():
-    write_text(os.path.join(out_dir, "index.json"), json.dumps(result, indent=1))
+          nifti.save_volume(os.path.join(tmp_dir, sub, "input.nii.gz"), inputs[k, ..., 0],
+                            r["affine"])
+        vols = []
+        for i in np.flatnonzero(ks == k):
+          prompt = prompts[ps[i]]
+          rel = os.path.join(sub, names[ps[i]])
+          if write:
+            nifti.save_volume(os.path.join(tmp_dir, rel), x[i, ..., 0], r["affine"])
+          entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
+                   "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
+                   "psnr_vs_input_db": float(scores[i])}
+          _ground_truth_stats(entry, x[i, ..., 0], rule, inputs[k, ..., 0])
+          entries.append(entry)
+          vols.append(x[i, ..., 0])
+        if write:
+          montage(os.path.join(tmp_dir, sub) + ".png", [inputs[k, ..., 0]] + vols,
+                  ["input: " + os.path.basename(src["path"])] + prompts)
+    result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
+              "guidance_scales": [float(g) for g in config.sample.guidance_scales],
+              "guidance": _guidance_record(config, "each scan's factual prompt"),
+              "num_subjects": n, "objective": config.objective.name,
+              "inversion": {"sampler_steps": int(len(r["objective"].timesteps())),
+                            "depth": depth,
+                            "refine_iters": int(config.sample.inversion_refine),
+                            "edit_mask": config.sample.edit_mask or None,
+                            "guidance": "conditional model (w = 1) under the factual prompt"},
+              "sources": [{"subject": k, "path": s["path"], "factual_prompt": factual[k],
+                           "reconstruction_psnr_db": float(recon_psnr[k])}
+                          for k, s in enumerate(sources)],
+              "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
+    if rule is not None:
+      for src, vol in zip(result["sources"], inputs[..., 0]):
+        src[f"input_{rule.stat}"] = rule.measure(vol)
+    effects = _summarise(result, entries, prompts, config.sample.guidance_scales, rule)
+    if tmp_dir is not None:
+      write_text(os.path.join(tmp_dir, "index.json"), json.dumps(result, indent=1))
   _report(effects, prompts, out_dir)
   logging.info("inverted %d scans (reconstruction PSNR %.2f dB); wrote %d volumes to %s", n,
                result["mean_reconstruction_psnr_db"], len(entries), out_dir)

@@ -35,10 +35,16 @@ def test_demo_all_mode_end_to_end(tmp_path):
   assert all(0 <= v <= 1 for v in effect["class_hit_rate"].values())
   assert os.path.exists(os.path.join(workdir, "samples", "g3", "subject_000.png"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  # Re-running sample mode from the same checkpoint reproduces the index exactly.
+  # Re-running sample mode from the same checkpoint reproduces the index exactly, and replaces
+  # the whole folder: files of an earlier run (here another guidance scale) do not survive.
+  stale = os.path.join(workdir, "samples", "g15", "subject_000", "old.nii.gz")
+  os.makedirs(os.path.dirname(stale))
+  open(stale, "w").close()
   again = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample"])
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.load(open(os.path.join(workdir, "samples", "index.json"))) == index
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["g1", "g3", "index.json"]
+  assert not [n for n in os.listdir(workdir) if n.startswith(".tmp-")]
   # Real-subject counterfactuals: invert two scans (comma-separated), decode under every prompt.
   scans = [os.path.join(workdir, "samples", index["items"][i]["nifti"]) for i in (0, 2)]
   proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample",

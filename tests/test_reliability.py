@@ -274,6 +274,30 @@ def test_sigterm_sets_the_stop_flag_instead_of_killing():
 
 
 # ---- item 9: debris of killed writes is recovered or removed -------------------------------------
+def test_kill_and_preemption_in_real_training_resume_bit_identically(prepared_data, tmp_path):
+  """Separate trainer processes (`cf3d_jax.resume_check`, the script users run with 10 trials):
+  `kill -9` 0.2 s after the first checkpoint commits (mid-training), then SIGTERM right after a checkpoint commits (the step
+  in flight finishes, is saved, exit 143), then a resume to the end — the final state and data
+  position equal an uninterrupted run's bit for bit."""
+  from cf3d_jax import resume_check
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  data = os.path.join(prepared_data, "data")
+  steps, every = 20, 5
+  reference, _, _ = resume_check.reference_run(str(tmp_path / "ref"), data, steps,
+                                                        every, root)
+  assert reference[0] == steps
+  trial = resume_check.run_trial(str(tmp_path / "trial"), data, steps, every,
+                                 [0.2, 0.0], ["KILL", "TERM"], root, 900.0,
+                                 anchors=["checkpoint", "checkpoint"])
+  killed, termed = trial["runs"]
+  assert killed["exit"] == -9
+  assert termed["exit"] == 143, open(str(tmp_path / "trial" / "train.log")).read()[-3000:]
+  assert 0 < termed["latest_checkpoint"] < steps
+  log = open(str(tmp_path / "trial" / "train.log")).read()
+  assert f"stopped by SIGTERM at step {termed['latest_checkpoint']}" in log
+  assert resume_check.compare(reference, resume_check.final_state(str(tmp_path / "trial"))) == []
+
+
 def test_atomic_dir_recovers_a_kill_between_its_renames(tmp_path):
   from cf3d_jax.files import atomic_dir
   target = tmp_path / "records"
@@ -303,8 +327,23 @@ def test_scan_header_is_checked_before_reading(tmp_path):
   path = str(tmp_path / "big.nii.gz")
   nib.save(nib.Nifti1Image(np.zeros((20, 20, 20), np.float32), np.eye(4)), path)
   with pytest.raises(DataError, match=r"big.nii.gz: header claims shape \(20, 20, 20\).*max_scan_gb"):
-    nifti.load_volume(path, max_bytes=20 ** 3 * 4 - 1)
-  assert nifti.load_volume(path, max_bytes=20 ** 3 * 4)[0].shape == (20, 20, 20)
+    nifti.load_volume(path, max_bytes=20 ** 3 * 8 - 1)
+  assert nifti.load_volume(path, max_bytes=20 ** 3 * 8)[0].shape == (20, 20, 20)
+  # The issue's file: a few hundred bytes of gzip whose header claims 512³ float32 (1.07 GB
+  # to read) is refused at the default cap without decompressing anything.
+  import gzip
+  from cf3d_jax import config_base
+  hdr = nib.Nifti1Header()
+  hdr.set_data_shape((512,) * 3)
+  hdr.set_data_dtype(np.float32)
+  hdr["vox_offset"] = 352
+  path = str(tmp_path / "claims512.nii.gz")
+  with gzip.open(path, "wb") as f:
+    f.write(hdr.binaryblock + bytes(4 + 4096))
+  cap = int(config_base.base_config().data.max_scan_gb * 1e9)
+  with pytest.raises(DataError, match=r"claims512.nii.gz: header claims shape \(512, 512, 512\) of "
+                                      r"float32 \(1.07 GB"):
+    nifti.load_volume(path, max_bytes=cap)
   path = str(tmp_path / "complex.nii.gz")
   nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)), path)
   with pytest.raises(DataError, match="complex voxels"):
@@ -320,6 +359,36 @@ def test_memory_error_while_conforming_becomes_a_row_error(monkeypatch):
   monkeypatch.setattr(ingest, "conform_scan", boom)
   result = ingest._try_conform({"path": "x.nii.gz", "row": 3}, (16,) * 3, 48.0, (0.5, 99.5))
   assert isinstance(result, DataError) and "x.nii.gz: MemoryError" in str(result)
+
+
+def _conform_or_die(row: dict, *args):
+  """A stand-in for conform_scan in a spawned worker: 'poison' rows kill the process outright
+  (as the kernel's OOM killer would); others return their path."""
+  import time
+  if "poison" in row["path"]:
+    os._exit(9)
+  if "slow" in row["path"]:
+    time.sleep(1.0)
+  return ("ok", row["path"])
+
+
+def test_a_dead_prepare_worker_fails_only_its_row_and_the_pool_restarts():
+  from cf3d_jax.data import ingest
+  # The slow first row is still running when the poison row kills its worker: it must not be
+  # blamed for a death that was not its own.
+  rows = [{"path": f"scan{i}.nii.gz"} for i in range(7)]
+  rows[0]["path"], rows[1]["path"] = "slow.nii.gz", "poison.nii.gz"
+  pool = ingest._Pool(2, (), fn=_conform_or_die)
+  try:
+    out = list(pool.results(rows))
+  finally:
+    pool.close()
+  assert [r["path"] for r, _ in out] == [r["path"] for r in rows]   # every row, in order
+  for row, result in out:
+    if row["path"] == "poison.nii.gz":
+      assert isinstance(result, DataError) and "poison.nii.gz: the worker process died" in str(result)
+    else:   # the rows in flight when the worker died were run again, not blamed
+      assert result == ("ok", row["path"])
 
 
 def test_tpu_pod_launcher_quotes_config_and_workdir(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from cf3d_jax.config_base import load_config_file
 from cf3d_jax.data import phantoms
 from cf3d_jax.errors import ConfigError, DataError
-from cf3d_jax.sample import edit_masks, guidance_negatives
+from cf3d_jax.sample import edit_masks, guidance_negatives, prompt_file_names
 
 
 @pytest.fixture
@@ -75,3 +75,10 @@ def test_guidance_negative_is_validated(config):
   config.sample.guidance_negative = "prompt"
   with pytest.raises(ConfigError, match="sample.guidance_negative"):
     validate(config, "sample")
+
+
+def test_prompt_file_names_are_unique_per_run():
+  names = prompt_file_names(["High lesion load.", "high lesion load", "HIGH lesion-load",
+                                    "Input", "minimal"])
+  assert names == ["high-lesion-load.nii.gz", "high-lesion-load-2.nii.gz",
+                   "high-lesion-load-3.nii.gz", "input-2.nii.gz", "minimal.nii.gz"]

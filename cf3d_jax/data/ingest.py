@@ -29,7 +29,7 @@ import json
 import multiprocessing
 import os
 import shutil
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -188,8 +188,9 @@ class _Pool:
   """Ordered results of `conform_scan` over rows: in-process, or a process pool reading ahead
   at most 2 × workers scans (bounded memory; results consumed in submission order)."""
 
-  def __init__(self, workers: int, args: tuple):
+  def __init__(self, workers: int, args: tuple, fn: Callable | None = None):
     self.args = args
+    self.fn = fn or _try_conform   # a picklable (module-level) function: row, *args → result
     self.workers = workers
     self.executor = None
     if workers > 1:
@@ -201,28 +202,33 @@ class _Pool:
     """Yields (row, (volume, affine) | DataError) in order."""
     if self.executor is None:
       for row in rows:
-        yield row, _try_conform(row, *self.args)
+        yield row, self.fn(row, *self.args)
       return
     pending: list = []
     it = iter(rows)
     for row in it:
-      pending.append((row, self.executor.submit(_try_conform, row, *self.args)))
+      pending.append((row, self.executor.submit(self.fn, row, *self.args)))
       if len(pending) >= self.window:
         break
     while pending:
       row, future = pending.pop(0)
       nxt = next(it, None)
       if nxt is not None:
-        pending.append((nxt, self.executor.submit(_try_conform, nxt, *self.args)))
+        pending.append((nxt, self.executor.submit(self.fn, nxt, *self.args)))
       try:
         result = future.result()
-      except concurrent.futures.process.BrokenProcessPool as e:
-        # A worker died (e.g. killed for memory): this row fails, the pool restarts and the
-        # rows in flight are submitted again.
-        result = DataError(f"{row['path']}: the worker process died while conforming it "
-                           f"(out of memory?): {e}")
+      except concurrent.futures.process.BrokenProcessPool:
+        # A worker died (e.g. killed for memory) and took every future in flight with it. The
+        # pool restarts; this row runs alone in it, so a death now is its own and fails only
+        # this row; then the rows in flight are submitted again.
         self._restart()
-        pending = [(r, self.executor.submit(_try_conform, r, *self.args)) for r, _ in pending]
+        try:
+          result = self.executor.submit(self.fn, row, *self.args).result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+          result = DataError(f"{row['path']}: the worker process died while conforming it "
+                             f"(out of memory?): {e}")
+          self._restart()
+        pending = [(r, self.executor.submit(self.fn, r, *self.args)) for r, _ in pending]
       yield row, result
 
   def _restart(self) -> None:

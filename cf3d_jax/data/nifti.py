@@ -23,8 +23,9 @@ def load_volume(path: str, max_bytes: int | None = None) -> tuple[np.ndarray, np
   """Returns (data float32 `[X, Y, Z]` in RAS+ canonical orientation, its 4×4 affine).
 
   The header is checked before any voxel is read: complex data is an error (no silent drop of
-  the imaginary part), and with `max_bytes` a volume whose shape × float32 exceeds it is
-  rejected (a small compressed file can claim a huge shape)."""
+  the imaginary part), and with `max_bytes` a volume whose reading would peak above it is
+  rejected (a small compressed file can claim a huge shape). The peak counted is the stored
+  values plus their float32 copy: voxels × (bytes per stored voxel + 4)."""
   if not os.path.exists(path):
     raise DataError(f"{path}: file not found")
   if os.path.getsize(path) == 0:
@@ -36,10 +37,11 @@ def load_volume(path: str, max_bytes: int | None = None) -> tuple[np.ndarray, np
   dtype = np.dtype(raw.get_data_dtype())
   if dtype.kind == "c":
     raise DataError(f"{path}: complex voxels ({dtype}); save the magnitude as a real image")
-  need = int(np.prod(raw.shape, dtype=np.int64)) * max(dtype.itemsize, 4)
+  need = int(np.prod(raw.shape, dtype=np.int64)) * (dtype.itemsize + 4)
   if max_bytes is not None and need > max_bytes:
-    raise DataError(f"{path}: header claims shape {tuple(raw.shape)} ({need / 1e9:.2f} GB as "
-                    f"float32), over config.data.max_scan_gb={max_bytes / 1e9:g}")
+    raise DataError(f"{path}: header claims shape {tuple(raw.shape)} of {dtype} ({need / 1e9:.2f} "
+                    f"GB to read: stored values + float32 copy), over "
+                    f"config.data.max_scan_gb={max_bytes / 1e9:g}")
   try:
     img = nib.as_closest_canonical(raw)
     data = np.asarray(img.dataobj, dtype=np.float32)
