@@ -27,7 +27,7 @@ from cf3d_jax.text import encoders as encoders_lib
 from cf3d_jax.text import prompts as prompts_lib
 from cf3d_jax.text.table import EmbeddingTable
 
-_VERSIONED = ('cf3d_jax', 'numpy', 'torch', 'transformers', 'open_clip_torch')
+_VERSIONED = ('cf3d_jax', 'numpy', 'torch', 'transformers', 'safetensors', 'ftfy')
 
 
 def library_versions() -> dict[str, str | None]:
