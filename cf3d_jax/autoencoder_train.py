@@ -459,6 +459,9 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
   report = periodic_actions.ReportProgress(num_train_steps=int(ac.num_steps), writer=writer,
                                            every_steps=int(ac.log_every))
   step = int(state["step"])
+  from tqdm import tqdm
+  bar = tqdm(total=int(ac.num_steps), initial=step, desc="autoencoder", unit="step",
+             disable=jax.process_index() > 0, mininterval=2.0)
   t0 = time.time()
   while step < ac.num_steps:
     volume = jnp.asarray(next(data_iter)["volume"])
@@ -467,6 +470,7 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
         perceptual=perceptual, settings=settings,
         adversarial=step >= ac.adversarial_warmup_steps)
     step += 1
+    bar.update(1)
     report(step, time.time())
     if step % ac.log_every == 0 or step == ac.num_steps:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -475,12 +479,14 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
                         "lower config.autoencoder.learning_rate")
       values["steps_per_sec"] = ac.log_every / max(time.time() - t0, 1e-9)
       writer.write_scalars(step, values)
+      bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
       t0 = time.time()
     if step % ac.checkpoint_every == 0 or step == ac.num_steps:
       mngr.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(data_iter),
           meta=ocp.args.JsonSave({"step": step, "seed": config.seed})))
+  bar.close()
   mngr.wait_until_finished()
   # ---- export and held-out metrics ---------------------------------------------------------
   params = jax.device_get(state["ema"] if "ema" in state else state["params"])

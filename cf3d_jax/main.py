@@ -8,6 +8,10 @@ and 2 → WORKDIR/eval/). Config overrides: `--config.train.num_steps=100`;
 the config is locked, so a misspelt key is an error. Problems with inputs (a bad flag or config
 value, a missing or unwritable file, a full disk) exit with status 2 and one line naming the file
 or key and the fix; `--verbosity=1` adds the traceback.
+
+The console shows cf3d_jax's own lines, warnings and one progress bar per stage; the libraries'
+INFO logs go only to `WORKDIR/logs/MODE-TIME.log` (`--verbosity=1` shows them too;
+`cf3d_jax.console`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   verbose = flags.FLAGS.verbosity >= 1
+  from cf3d_jax import console
+  console.quiet_libraries(flags.FLAGS.verbosity)   # libraries' INFO only in WORKDIR/logs/
   try:
     from cf3d_jax.parallel import initialize_distributed
     initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,

@@ -56,7 +56,8 @@ def run(config, workdir: str, mode: str, on_error: str = "fail") -> None:
   from cf3d_jax.files import workdir_lock
   # One job per workdir: process 0 holds WORKDIR/.lock (the other hosts of a job share it).
   lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
-  with lock:
+  from cf3d_jax import console
+  with lock, console.log_file(workdir, mode, write=jax.process_index() == 0):
     _run_modes(config, workdir, mode, on_error)
 
 

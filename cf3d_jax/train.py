@@ -371,6 +371,10 @@ def train_and_evaluate(config, workdir: str) -> State:
   step = int(state["step"])
   if step == 0:
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if k != "sample"})
+  from tqdm import tqdm
+  bar = tqdm(total=config.train.num_steps, initial=step, desc="training", unit="step",
+             disable=jax.process_index() > 0, dynamic_ncols=True, mininterval=2.0)
+  started = time.time()
   t0, in_flight = time.time(), None
   finite = jnp.ones((), bool)           # on device: every loss and grad norm since the last save
   last_good = mngr.latest_step()
@@ -383,12 +387,14 @@ def train_and_evaluate(config, workdir: str) -> State:
       in_flight = metrics["loss"]
       finite = track_finite(finite, metrics)
       step += 1
+      bar.update(1)
       report(step, time.time())
       if step % config.train.log_every == 0 or step == config.train.num_steps:
         check_finite(finite, metrics, step, last_good)
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         values["steps_per_sec"] = config.train.log_every / max(time.time() - t0, 1e-9)
         writer.write_scalars(step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
         t0 = time.time()
       stop = preempted()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop:
@@ -401,10 +407,15 @@ def train_and_evaluate(config, workdir: str) -> State:
             force=stop)
         last_good = step
       if stop:
+        bar.close()
         mngr.wait_until_finished()
         writer.flush()
         raise Preempted(f"stopped by SIGTERM at step {step}: checkpoint {step} saved in "
                         f"{mngr.directory}; rerun the same command to resume from it")
+  bar.close()
   mngr.wait_until_finished()
   writer.flush()
+  logging.info("trained to step %d (%.1f min this run); checkpoints %s in %s; TensorBoard: "
+               "tensorboard --logdir %s", step, (time.time() - started) / 60,
+               sorted(mngr.all_steps()), mngr.directory, os.path.join(workdir, "tensorboard"))
   return state

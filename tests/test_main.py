@@ -13,6 +13,14 @@ def test_demo_all_mode_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
   proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=all"])
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # A quiet console: our own lines and progress bars; the libraries' INFO only in the log file.
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) <= 40, proc.stderr
+  assert not any("checkpoint_manager" in ln or "CheckpointManager" in ln for ln in lines)
+  assert any(ln.startswith("training:") for ln in proc.stderr.replace("\r", "\n").splitlines())
+  assert any(ln.startswith("trained to step 4") for ln in lines)
+  (log,) = os.listdir(os.path.join(workdir, "logs"))
+  assert log.startswith("all-") and "CheckpointManager" in open(os.path.join(workdir, "logs", log)).read()
   index = json.load(open(os.path.join(workdir, "samples", "index.json")))
   prompts = index["prompts"]
   assert len(prompts) == 3 and index["guidance_scales"] == [1.0, 3.0]
