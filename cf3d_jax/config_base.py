@@ -263,10 +263,19 @@ def apply_dataset(c: ml_collections.ConfigDict, dataset: str) -> ml_collections.
   (canonical prompt per class, the first = the factual reference). Returns c."""
   if dataset not in DATASET_DEFAULTS:
     raise ConfigError(f"dataset {dataset!r}: expected one of {sorted(DATASET_DEFAULTS)}")
+  biomedclip = c.text.table == biomedclip_table(c.data.dataset)
   c.data.dataset = dataset
-  c.text.table = DATASET_DEFAULTS[dataset]["table"]
+  c.text.table = biomedclip_table(dataset) if biomedclip else DATASET_DEFAULTS[dataset]["table"]
   c.sample.prompts = DATASET_DEFAULTS[dataset]["prompts"]
   return c
+
+
+def biomedclip_table(dataset: str) -> str:
+  """Where the paper configs' 'biomedclip' variant expects the dataset's BiomedCLIP token table
+  (relative to the working directory). Made once, offline, from a local copy of BiomedCLIP:
+  `python -m cf3d_jax.text.embed --encoder=biomedclip --model=PATH --dataset=DATASET
+  --output=tables/DATASET_biomedclip.npz` (docs/data.md)."""
+  return f"tables/{dataset}_biomedclip.npz"
 
 
 def parse_variants(arg: str | None, known: tuple[str, ...], config_file: str) -> list[str]:

@@ -4,7 +4,7 @@ all 1000 steps) — the paper's MAISI Linear row.
 
 Run:  python -m cf3d_jax.main --config=configs/maisi_linear_ms.py --workdir=runs/maisi_linear_ms \
           --config.space.autoencoder=runs/maisi_vae --mode=all
-Variants (get_config arg): those of configs/maisi_rflow_ms.py ('res128').
+Variants (get_config arg): those of configs/maisi_rflow_ms.py ('res128', 'biomedclip').
 """
 
 import os

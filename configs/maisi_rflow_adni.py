@@ -3,7 +3,7 @@
 Run (AD phantoms):  python -m cf3d_jax.main --config=configs/maisi_rflow_adni.py \
           --workdir=runs/maisi_rflow_adni --config.space.autoencoder=runs/maisi_vae --mode=all
 Real data: --config.data.source=manifest --config.data.manifest=scans.csv (docs/data.md).
-Variants (get_config arg): those of configs/maisi_rflow_ms.py ('res128').
+Variants (get_config arg): those of configs/maisi_rflow_ms.py ('res128', 'biomedclip').
 """
 
 import os

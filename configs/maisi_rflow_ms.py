@@ -12,24 +12,27 @@ autoencoder_epoch273.pt runs/maisi_vae`):
       --config.space.autoencoder=runs/maisi_vae --mode=all
 (`all` = prepare → prepare_latents → train → sample; without `space.autoencoder` it first trains
 a VAE with configs/autoencoder_ms.py's settings: --mode=train_autoencoder.)
-Variants (get_config arg): 'res128' for 128³ images (32³ × 4 latents).
+Variants (get_config arg, comma-separated): 'res128' for 128³ images (32³ × 4 latents);
+'biomedclip' conditions on BiomedCLIP's token states from `tables/ms_biomedclip.npz` (made once
+offline: docs/data.md; the default is the shipped MiniLM table).
 """
 
-from cf3d_jax.config_base import apply_objective_preset, base_config
+from cf3d_jax.config_base import apply_objective_preset, base_config, biomedclip_table, \
+    parse_variants
 
-VARIANTS = ("res128",)
+VARIANTS = ("res128", "biomedclip")
 
 
 def get_config(arg: str | None = None):
-  if arg and arg not in VARIANTS:
-    raise ValueError(f"configs/maisi_rflow_ms.py: unknown variant {arg!r}; known: {VARIANTS}")
+  variants = parse_variants(arg, VARIANTS, "configs/maisi_rflow_ms.py")
+  res128 = "res128" in variants
   config = base_config()
   apply_objective_preset(config, "maisi_rflow")
-  config.data.shape = (128, 128, 128) if arg == "res128" else (256, 256, 256)
+  config.data.shape = (128, 128, 128) if res128 else (256, 256, 256)
   config.space.name = "latent"               # frozen MAISI VAE, z = latent × 1/std
   config.space.latent_channels = 4
   config.space.downsample = 4
-  config.space.decode_splits = 1 if arg == "res128" else 4   # 256³ decode in 4 depth chunks
+  config.space.decode_splits = 1 if res128 else 4   # 256³ decode in 4 depth chunks
   config.model.out_channels = 4
   config.model.base_channels = 64
   config.model.channel_mult = (1, 2, 4, 8)   # MAISI latent U-Net: 64, 128, 256, 512
@@ -44,4 +47,6 @@ def get_config(arg: str | None = None):
   config.model.middle_dropout = True
   config.train.batch_size = 1                 # the paper's batch at 256³
   config.train.learning_rate = 1e-4           # MAISI's diffusion training rate
+  if "biomedclip" in variants:
+    config.text.table = biomedclip_table(config.data.dataset)
   return config

@@ -3,7 +3,8 @@
 Run (AD phantoms):  python -m cf3d_jax.main --config=configs/wdm_adni.py --workdir=runs/wdm_adni --mode=all
 Real data: add --config.data.source=manifest --config.data.manifest=scans.csv (columns path,
 subject_id, diagnosis) and embed the prompts with BiomedCLIP (docs/data.md).
-Variants (get_config arg): those of configs/wdm_ms.py ('res256').
+Variants (get_config arg): those of configs/wdm_ms.py ('res256', 'biomedclip': then
+`tables/adni_biomedclip.npz`).
 """
 
 import os

@@ -98,3 +98,20 @@ def test_adni_phantom_demo_runs_end_to_end(tmp_path):
   assert 0 <= effect["ordered_fraction"] <= 1 and "class_hit_rate" not in effect
   assert "lesion_volume_ml" not in index["items"][0]
   assert all(i["ventricle_volume_ml"] >= 0 for i in index["items"])
+
+
+@pytest.mark.parametrize("name,dataset,shape", [
+    ("wdm_ms.py", "ms", None), ("wdm_adni.py", "adni", None),
+    ("maisi_rflow_ms.py", "ms", None), ("maisi_rflow_adni.py", "adni", None),
+    ("maisi_linear_ms.py", "ms", None), ("maisi_linear_adni.py", "adni", None),
+    ("wdm_adni.py", "adni", "res256"), ("maisi_linear_adni.py", "adni", "res128")])
+def test_paper_configs_name_the_biomedclip_table(name, dataset, shape):
+  arg = ",".join(filter(None, [shape, "biomedclip"]))
+  c = load_config(name, arg)
+  assert c.text.table == f"tables/{dataset}_biomedclip.npz"
+  assert c.data.dataset == dataset
+  assert load_config(name, shape).text.table == f"builtin:{dataset}_minilm"
+  if shape:
+    assert tuple(c.data.shape) == tuple(load_config(name, shape).data.shape)
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config(name, "biomedclip,tiny")
