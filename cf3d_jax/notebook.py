@@ -618,7 +618,8 @@ def save_nifti(cf: Counterfactuals, out_dir: str) -> list[str]:
   and `prompts.json` (prompts, where each embedding came from, guidance, seed, step). Returns
   the paths written."""
   from cf3d_jax.data.nifti import save_volume
-  from cf3d_jax.sample import montage, slug
+  from cf3d_jax.files import slug
+  from cf3d_jax.sample import montage
   ps = cf.prompt_set
   paths = []
   for i, (p, v) in enumerate(zip(ps.prompts, cf.volumes)):

@@ -207,29 +207,45 @@ class _Pool:
     pending: list = []
     it = iter(rows)
     for row in it:
-      pending.append((row, self.executor.submit(self.fn, row, *self.args)))
+      pending.append((row, self._submit(row)))
       if len(pending) >= self.window:
         break
     while pending:
       row, future = pending.pop(0)
       nxt = next(it, None)
       if nxt is not None:
-        pending.append((nxt, self.executor.submit(self.fn, nxt, *self.args)))
+        pending.append((nxt, self._submit(nxt)))
       try:
+        if future is None:
+          raise concurrent.futures.process.BrokenProcessPool("submitted to a broken pool")
         result = future.result()
       except concurrent.futures.process.BrokenProcessPool:
         # A worker died (e.g. killed for memory) and took every future in flight with it. The
-        # pool restarts; this row runs alone in it, so a death now is its own and fails only
-        # this row; then the rows in flight are submitted again.
-        self._restart()
-        try:
-          result = self.executor.submit(self.fn, row, *self.args).result()
-        except concurrent.futures.process.BrokenProcessPool as e:
-          result = DataError(f"{row['path']}: the worker process died while conforming it "
-                             f"(out of memory?): {e}")
-          self._restart()
-        pending = [(r, self.executor.submit(self.fn, r, *self.args)) for r, _ in pending]
+        # pool restarts and this row runs alone in it, twice at most: dying alone twice is its
+        # own death and fails only this row. Then the rows in flight are submitted again.
+        result = self._run_alone(row)
+        pending = [(r, self._submit(r)) for r, _ in pending]
       yield row, result
+
+  def _submit(self, row: dict):
+    """The row's future, or None when the pool is broken (handled when the row is next)."""
+    try:
+      return self.executor.submit(self.fn, row, *self.args)
+    except concurrent.futures.process.BrokenProcessPool:
+      return None
+
+  def _run_alone(self, row: dict):
+    """Runs one row in a fresh pool (two tries); a DataError if its worker dies both times."""
+    error = None
+    for _ in range(2):
+      self._restart()
+      try:
+        return self.executor.submit(self.fn, row, *self.args).result()
+      except concurrent.futures.process.BrokenProcessPool as e:
+        error = e
+    self._restart()
+    return DataError(f"{row['path']}: the worker process died while conforming it "
+                     f"(out of memory?): {error}")
 
   def _restart(self) -> None:
     logging.warning("prepare worker pool broke; restarting it")
