@@ -147,7 +147,8 @@ def train_classifier(config, workdir: str) -> dict:
   best = (-1.0, 0, None)
   history = []
   out_dir = classifier_dir(config, workdir)
-  for i in tqdm(range(1, cc.num_steps + 1), desc="classifier", unit="step"):
+  for i in tqdm(range(1, cc.num_steps + 1), desc="classifier", unit="step",
+                disable=jax.process_index() > 0):
     batch = next(stream)
     params, batch_stats, opt_state, loss, acc = step(
         params, batch_stats, opt_state, jnp.asarray(batch["volume"]),

@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 1                      # global batch
   c.train.learning_rate = 1e-5
   c.train.warmup_steps = 0
+  c.train.lr_schedule = "constant"            # after warmup: 'constant' | 'cosine' (decay to final_lr_fraction · learning_rate)
+  c.train.lr_decay_steps = 0                  # cosine: the step where the decay ends (0 = train.num_steps)
+  c.train.final_lr_fraction = 0.0             # cosine: the rate at and after lr_decay_steps, as a fraction of learning_rate
   c.train.weight_decay = 0.0
   c.train.grad_clip_norm = 1.0                # 0 disables clipping
   c.train.ema_decay = 0.9999
@@ -474,6 +477,9 @@ RANGES: dict[str, Rule] = {
     "train.batch_size": _POS_INT,
     "train.learning_rate": _NONNEG,
     "train.warmup_steps": _NONNEG_INT,
+    "train.lr_schedule": _one_of("constant", "cosine"),
+    "train.lr_decay_steps": _NONNEG_INT,
+    "train.final_lr_fraction": _num(0, 1),
     "train.weight_decay": _NONNEG,
     "train.grad_clip_norm": _NONNEG,
     "train.ema_decay": _FRACTION_OPEN,
@@ -582,6 +588,11 @@ def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
   lo, hi = c.data.phantom.lesion_radius_mm
   _check(lo <= hi, "data.phantom.lesion_radius_mm", c.data.phantom.lesion_radius_mm,
          "(lo, hi), lo <= hi")
+  horizon = c.train.lr_decay_steps or c.train.num_steps
+  _check(c.train.lr_schedule != "cosine" or horizon > c.train.warmup_steps,
+         "train.lr_decay_steps", c.train.lr_decay_steps,
+         f"> train.warmup_steps ({c.train.warmup_steps}) for the cosine schedule "
+         f"(0 = train.num_steps = {c.train.num_steps})")
   unknown = [k for k in c.train.allow_config_change if not _has_key(c, k)]
   _check(not unknown, "train.allow_config_change", tuple(c.train.allow_config_change),
          f"dotted config keys (unknown: {unknown})")
@@ -672,7 +683,7 @@ _MEANINGS_WITHOUT_COMMENT = {
     "objective.beta_end": "DDPM: last beta of the schedule",
     "objective.shift_scale": "rflow: multiplies the resolution-shift ratio r",
     "train.num_steps": "optimisation steps (the run stops here; resumes continue to it)",
-    "train.learning_rate": "AdamW learning rate (constant after warmup)",
+    "train.learning_rate": "AdamW learning rate after warmup (held, or the start of the cosine decay: train.lr_schedule)",
     "train.warmup_steps": "linear warmup from 0 to learning_rate over this many steps",
     "train.weight_decay": "AdamW decoupled weight decay",
     "train.ema_decay": "EMA of the params: ema ← d·ema + (1 − d)·params each step",

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,6 +38,22 @@ CURVE_FORMAT = "cf3d_jax.curve/1"
 # prompt act"): ≥ 90 % of the volumes in their prompted class, FID ≤ 2 × the real-vs-real floor.
 TARGET_CLASS_HIT = 0.9
 TARGET_FID_VS_FLOOR = 2.0
+
+
+def segment_config(config, step: int, every: int, scales: Sequence[float],
+                   num_per_prompt: int):
+  """The config that trains the curve's segment ending at `step` and evaluates it: the same
+  run continued (one learning-rate schedule, whose cosine decay ends at the curve's last step,
+  not the segment's)."""
+  seg = config.copy_and_resolve_references()
+  with seg.unlocked():
+    seg.train.num_steps = step
+    seg.train.lr_decay_steps = config.train.lr_decay_steps or config.train.num_steps
+    seg.train.checkpoint_every = every
+    seg.sample.checkpoint_step = step
+    seg.eval.guidance_scales = tuple(float(s) for s in scales)
+    seg.eval.num_per_prompt = num_per_prompt
+  return seg
 
 
 def curve_steps(num_steps: int, every: int) -> list[int]:
@@ -155,13 +172,7 @@ def training_curve(config, workdir: str, config_name: str, every: int,
   for step in steps:
     if step in done:
       continue
-    seg = config.copy_and_resolve_references()
-    with seg.unlocked():
-      seg.train.num_steps = step
-      seg.train.checkpoint_every = every
-      seg.sample.checkpoint_step = step
-      seg.eval.guidance_scales = tuple(float(s) for s in scales)
-      seg.eval.num_per_prompt = num_per_prompt
+    seg = segment_config(config, step, every, scales, num_per_prompt)
     t0 = time.time()
     train_and_evaluate(seg, workdir)
     minutes += (time.time() - t0) / 60.0

@@ -104,7 +104,8 @@ def _generate(r, config, scale: float) -> np.ndarray:
                      **mesh_kwargs(r, bsz, "eval.batch_size"))
   items = [(k, p) for k in range(k_total) for p in range(len(prompts))]
   out = np.zeros((k_total, len(prompts)) + tuple(config.data.shape) + (1,), np.float32)
-  for start in tqdm(range(0, len(items), bsz), desc=f"evaluate w={scale:g}", unit="batch"):
+  for start in tqdm(range(0, len(items), bsz), desc=f"evaluate w={scale:g}", unit="batch",
+                    disable=jax.process_index() > 0):
     chunk = items[start:start + bsz]
     padded = chunk + [chunk[-1]] * (bsz - len(chunk))
     z = jnp.stack([subject_noise(config.seed + EVAL_STREAM, k, z_shape) for k, _ in padded])

@@ -44,6 +44,7 @@ MODEL = STRUCTURAL + (
     "data.dataset", "text.table")
 
 RECIPE = ("seed", "train.batch_size", "train.learning_rate", "train.warmup_steps",
+          "train.lr_schedule", "train.lr_decay_steps", "train.final_lr_fraction",
           "train.weight_decay", "train.grad_clip_norm", "train.ema_decay")
 
 _DATA_COMMON = ("data.source", "data.dataset", "data.shape", "data.fov_mm", "text.table")

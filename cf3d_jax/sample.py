@@ -387,7 +387,8 @@ def sample_counterfactuals(config, workdir: str) -> dict:
                          interval=tuple(config.sample.guidance_interval),
                          **mesh_kwargs(r, bsz, "sample.batch_size"))
       volumes = {}
-      for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch"):
+      for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch",
+                        disable=jax.process_index() > 0):
         chunk = items[start:start + bsz]
         padded = chunk + [chunk[-1]] * (bsz - len(chunk))   # one compiled shape for every call
         z = jnp.stack([subject_noise(config.seed, k, z_shape) for k, _ in padded])
@@ -564,7 +565,8 @@ def sample_from_sources(config, workdir: str) -> dict:
   factual = _factual_prompts(config, sources, prompts)
   f_emb, f_mask = table.lookup(factual)
   inputs = np.stack([load_source(s["path"], config, r["affine"])
-                     for s in tqdm(sources, desc="loading", unit="scan")])[..., None]
+                     for s in tqdm(sources, desc="loading", unit="scan",
+                                              disable=jax.process_index() > 0)])[..., None]
   n, bsz = len(sources), config.sample.batch_size
   depth = float(config.sample.inversion_depth)
   on_mesh = mesh_kwargs(r, bsz, "sample.batch_size")

