@@ -52,7 +52,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from cf3d_jax import config_base, convert
+from cf3d_jax import checkpoints, config_base, convert
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.data.prepare import data_paths
@@ -391,21 +391,6 @@ def held_out_volumes(config, data_dir: str, index: dict) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def checkpoint_manager(out_dir: str, max_to_keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
-                               options=options)
-
-
-def restore_state(mngr: ocp.CheckpointManager, abstract: State, data_iterator) -> State:
-  """The latest checkpoint's state; the grain iterator is restored in place."""
-  step = mngr.latest_step()
-  return mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))["state"]
-
-
 def train_autoencoder(config, workdir: str) -> dict[str, Any]:
   """Trains to `config.autoencoder.num_steps` (resuming from its checkpoints), exports
   `WORKDIR/autoencoder/vae` and writes `metrics.json`; returns the metrics."""
@@ -447,9 +432,10 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
   base_key = jax.random.fold_in(jax.random.key(config.seed), AUTOENCODER_STREAM)
   init_key, step_key = jax.random.split(base_key)
   # ---- state: resume or init ---------------------------------------------------------------
-  mngr = checkpoint_manager(out_dir, int(ac.max_to_keep))
+  mngr = checkpoints.make_manager(os.path.join(out_dir, "checkpoints"), int(ac.max_to_keep))
   if mngr.latest_step() is not None:
-    state = restore_state(mngr, abstract_state(model, disc, settings), data_iter)
+    state = checkpoints.restore_state(mngr, abstract_state(model, disc, settings),
+                                      data_iterator=data_iter)
     logging.info("autoencoder: resumed from step %d", int(state["step"]))
   else:
     state = init_state(model, disc, settings, init_key)

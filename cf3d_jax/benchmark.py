@@ -164,7 +164,7 @@ def bench_train(config, repeats: int, conv_impls: Sequence[str] | None = None,
                 peak_flops: float = 0.0) -> list[dict]:
   """Train-step rows (module docstring) for each conv formulation in `conv_impls` (default
   all of `layers.CONV_IMPLS`) at the config's batch and shape, in the config's space."""
-  from cf3d_jax import memory, train
+  from cf3d_jax import checkpoints, memory, train
   from cf3d_jax.models import unet as unet_lib
   b, shape = config.train.batch_size, tuple(config.data.shape)
   emb, mask, _ = _text_inputs(config, b)
@@ -178,10 +178,10 @@ def bench_train(config, repeats: int, conv_impls: Sequence[str] | None = None,
       if impl not in layers.CONV_IMPLS:
         raise ConfigError(f"conv_impls: {impl!r} is not one of {layers.CONV_IMPLS}")
       config.model.conv_impl = impl
-      model, objective, space = train.build_components(config)
+      model, objective, space = checkpoints.build_components(config)
       tx = train.make_optimizer(config.train)
       z_shape = (b,) + space.latent_shape(shape)
-      init = jax.jit(lambda k: train.init_state(model, tx, k, z_shape, text_shape))
+      init = jax.jit(lambda k: checkpoints.init_state(model, tx, k, z_shape, text_shape))
       state = init.lower(jax.random.key(0)).compile(
           compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(jax.random.key(0))
       volume = jax.random.uniform(jax.random.key(2), (b,) + space.record_shape(shape),
@@ -241,13 +241,13 @@ def _space_with_decoder(config, space):
 
 
 def bench_sample(config, repeats: int) -> list[dict]:
-  """One row: the time of one counterfactual pair (module docstring) with `sample.make_sampler`,
-  the sampler `--mode=sample` uses."""
-  from cf3d_jax import sample as sample_lib
-  from cf3d_jax import train
+  """One row: the time of one counterfactual pair (module docstring) with
+  `generate.make_sampler`, the sampler `--mode=sample` uses."""
+  from cf3d_jax import checkpoints
+  from cf3d_jax import generate as generate_lib
   from cf3d_jax.models import unet as unet_lib
   from cf3d_jax.text import prompts as prompt_lib
-  model, objective, space = train.build_components(config)
+  model, objective, space = checkpoints.build_components(config)
   space, decode = _space_with_decoder(config, space)
   prompts = list(config.sample.prompts)
   pair = [prompts[0], prompts[1 if len(prompts) > 1 else 0]]
@@ -257,10 +257,10 @@ def bench_sample(config, repeats: int) -> list[dict]:
   scale = next((float(g) for g in config.sample.guidance_scales if float(g) != 1.0), 3.0)
   z_shape = space.latent_shape(tuple(config.data.shape))
   params = unet_lib.init_params(model, jax.random.key(0), (1,) + z_shape, emb.shape[1:])
-  z = jnp.stack([sample_lib.subject_noise(config.seed, 0, z_shape)] * 2)
+  z = jnp.stack([generate_lib.subject_noise(config.seed, 0, z_shape)] * 2)
   emb, mask = jnp.asarray(emb), jnp.asarray(mask)
-  key = jax.random.key(config.seed + sample_lib.SAMPLE_STREAM)
-  sampler = sample_lib.make_sampler(model, objective, space, scale, null_emb[0], null_mask[0])
+  key = jax.random.key(config.seed + generate_lib.SAMPLE_STREAM)
+  sampler = generate_lib.make_sampler(model, objective, space, scale, null_emb[0], null_mask[0])
   with compile_timer() as spent:
     t = time.perf_counter()
     jax.block_until_ready(sampler(params, z, emb, mask, key))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +39,19 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import config_base, parallel
-from cf3d_jax.data import records
+from cf3d_jax.checkpoints import Generator, load_generator
+from cf3d_jax.data import phantoms, records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import atomic_path, write_text
+from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
 from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
 from cf3d_jax.metrics import phantom as phantom_lib
-from cf3d_jax.sample import SAMPLE_STREAM, _restore, guidance_negatives, make_sampler, \
-    mesh_kwargs, subject_noise
 from cf3d_jax.text import prompts as prompt_lib
 
-EVAL_STREAM = 2_000_033   # subject k's evaluation noise = subject_noise(seed + EVAL_STREAM, k)
+EVAL_STREAM = 2_000_033   # evaluation noise k = generate.subject_noise(seed + EVAL_STREAM, k)
 
 
 def ms_ssim_settings(config, shape) -> dict:
@@ -94,30 +95,18 @@ def _pairwise(fn, a: np.ndarray, b: np.ndarray, bsz: int) -> np.ndarray:
                          for i in range(0, len(a), bsz)])
 
 
-def _generate(r, config, scale: float) -> np.ndarray:
-  """Volumes `[K, P, D, H, W, 1]` for K evaluation noises × P prompts at guidance `scale`."""
-  from tqdm import tqdm
-  prompts, k_total, bsz = r["prompts"], config.eval.num_per_prompt, config.eval.batch_size
-  z_shape = r["space"].latent_shape(tuple(config.data.shape))
-  run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                     interval=tuple(config.sample.guidance_interval),
-                     **mesh_kwargs(r, bsz, "eval.batch_size"))
-  items = [(k, p) for k in range(k_total) for p in range(len(prompts))]
-  out = np.zeros((k_total, len(prompts)) + tuple(config.data.shape) + (1,), np.float32)
-  for start in tqdm(range(0, len(items), bsz), desc=f"evaluate w={scale:g}", unit="batch",
-                    disable=jax.process_index() > 0):
-    chunk = items[start:start + bsz]
-    padded = chunk + [chunk[-1]] * (bsz - len(chunk))
-    z = jnp.stack([subject_noise(config.seed + EVAL_STREAM, k, z_shape) for k, _ in padded])
-    rows = [p for _, p in padded]
-    neg = guidance_negatives(config.sample.guidance_negative, r["emb"][rows], r["mask"][rows],
-                             r["emb"][[0] * len(rows)], r["mask"][[0] * len(rows)], r["null"])
-    x = run(r["params"], z, r["emb"][rows], r["mask"][rows],
-            jax.random.fold_in(jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), start),
-            *neg)
-    for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk)]):
-      out[k, p] = v
-  return out
+def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray
+                     ) -> Iterator[tuple[float, np.ndarray]]:
+  """Per guidance scale of `config.eval.guidance_scales`: (scale, volumes `[K, P, D, H, W, 1]`)
+  for K = `eval.num_per_prompt` evaluation noises × the P prompts (`emb [P, L, E]`,
+  `mask [P, L]`), in batches of `eval.batch_size` (`generate.generate`)."""
+  bsz = config.eval.batch_size
+  return generate(gen, range(config.eval.num_per_prompt), emb, mask, config.eval.guidance_scales,
+                  noise_seed=config.seed + EVAL_STREAM,
+                  key=jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), batch_size=bsz,
+                  negative=config.sample.guidance_negative, desc="evaluate",
+                  sampler_for=sampler_on_mesh(gen, bsz, "eval.batch_size",
+                                              config.sample.guidance_interval))
 
 
 def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: list[str]
@@ -138,8 +127,9 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
   """Runs the evaluation and writes `out_dir` (default `WORKDIR/eval/`); returns the results."""
   from cf3d_jax import classifier as classifier_lib
   config_base.validate(config)
-  r = _restore(config, workdir)
-  prompts, dataset = r["prompts"], config.data.dataset
+  gen = load_generator(config, workdir)
+  prompts, dataset = list(config.sample.prompts), config.data.dataset
+  emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
   if len(prompts) < 2:
     raise ConfigError("config.sample.prompts: evaluation needs a factual prompt and at least one "
                       "counterfactual prompt")
@@ -163,14 +153,15 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
       paths["records"], index, train_entries)]).astype(np.float32)
   fid_floor = fid_lib.frechet_distance(
       *fid_lib.feature_statistics(_features(feats, train_real, bsz)), *real_stats)
-  rule = (phantom_lib.PhantomRule.build(dataset, r["reference"], config.eval.lesion_threshold)
-          if r["reference"] is not None and tuple(r["reference"].shape) == shape else None)
+  reference = phantoms.find_reference(paths["reference"])
+  rule = (phantom_lib.PhantomRule.build(dataset, reference, config.eval.lesion_threshold)
+          if reference is not None and tuple(reference.shape) == shape else None)
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
   psnr = jax.jit(lambda a, b: image_lib.psnr(a, b, 2.0))
   predictor = classifier_lib.find_predictor(config, workdir)
   classes = [prompt_lib.prompt_class(dataset, p) for p in prompts]
   labels = np.asarray([-1 if c is None else c for c in classes])
-  result = {"checkpoint_step": r["step"], "seed": config.seed, "dataset": dataset,
+  result = {"checkpoint_step": gen.step, "seed": config.seed, "dataset": dataset,
             "objective": config.objective.name, "prompts": prompts,
             "num_per_prompt": config.eval.num_per_prompt, "real_split": config.eval.real_split,
             "num_real": len(real), "fid_features": feat_what, "fid_floor": fid_floor,
@@ -182,8 +173,8 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
                             "real_accuracy": float(np.mean(
                                 predictor.predict(real, bsz) == real_labels))}
   rng = np.random.default_rng([config.seed, 17])
-  for scale in config.eval.guidance_scales:
-    vols = _generate(r, config, float(scale))
+  for scale, vols in generate_volumes(gen, config, emb, mask):
+    vols = np.asarray(vols, np.float32)
     k_total, n_prompts = vols.shape[:2]
     flat = vols.reshape((-1,) + vols.shape[2:])
     row = {"guidance_scale": float(scale)}

@@ -109,13 +109,13 @@ def compile_train_step(config, devices: Sequence[Any], mesh_shape: Sequence[int]
                        text_shape: tuple[int, int]):
   """Lowers and compiles the jitted train step of `config` on a mesh over `devices` with
   abstract, sharded inputs. Returns the compiled executable."""
-  from cf3d_jax import train
+  from cf3d_jax import checkpoints, train
   mesh = parallel.make_mesh(mesh_shape, devices)
   rules = parallel.rules_from_config(config.mesh)
   parallel.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
-  model, objective, space = train.build_components(config)
+  model, objective, space = checkpoints.build_components(config)
   tx = train.make_optimizer(config.train)
-  abstract = train.abstract_state(model, tx, config, text_shape, mesh)
+  abstract = checkpoints.abstract_state(model, tx, config, text_shape, mesh)
   state_sh = jax.tree.map(lambda a: a.sharding, abstract)
   b = config.train.batch_size
   shapes = {"volume": (b,) + space.record_shape(tuple(config.data.shape)),

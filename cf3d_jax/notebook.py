@@ -6,8 +6,8 @@ A notebook session runs:
                                              with the table's own encoder (`table_encoder`) when it
                                              can be loaded, else replaced by the closest table
                                              prompt — `PromptSet.describe()` says which happened;
-  `generate(gen, prompt_set, GUIDANCE, SEED)` one fixed noise (`sample.subject_noise`) decoded
-                                             under every prompt with `sample.make_sampler`;
+  `generate(gen, prompt_set, GUIDANCE, SEED)` one fixed noise (`generate.subject_noise`)
+                                             decoded under every prompt (`generate.generate`);
   `difference_maps`, `show_slices`           side-by-side slice viewer (ipywidgets) with a
                                              static matplotlib montage where no frontend renders
                                              widgets (nbclient, plain consoles);
@@ -16,7 +16,7 @@ A notebook session runs:
 `invert_scan` makes counterfactuals of a given scan (inversion, as `config.sample.source` does).
 
 Volumes are float32 `[D, H, W]` in [-1, 1] (RAS: D = x, H = y, W = z); stacks of them `[P, D, H,
-W]`. Sampling itself goes through `cf3d_jax.sample` (no second implementation here), so a
+W]`. Sampling itself goes through `cf3d_jax.generate` (no second implementation here), so a
 notebook counterfactual of subject k at seed s equals the CLI's `samples/g{w}/subject_k` volume
 for the same prompt, checkpoint and config (up to float rounding across batch sizes).
 """
@@ -30,13 +30,16 @@ import json
 import os
 import sys
 import zipfile
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from cf3d_jax.errors import Cf3dError, ConfigError, DataError, PromptError
 from cf3d_jax.files import atomic_path, write_text
 from cf3d_jax.text.table import EmbeddingTable
+
+if TYPE_CHECKING:
+  from cf3d_jax import checkpoints
 
 AXES = {"axial": 2, "coronal": 1, "sagittal": 0}   # RAS volumes: the axis a view slices across
 VIEWER_MODES = ("auto", "widget", "static")
@@ -114,31 +117,38 @@ def run_cli(args: Sequence[str]) -> None:
 
 @dataclasses.dataclass
 class Generator:
-  """A restored generator: the config, the embedding table and what `sample.make_sampler` needs.
+  """A restored generator in a notebook session: its config and workdir, and the samplers
+  compiled for it so far.
 
   Attributes:
     config: the ConfigDict (its `sample.checkpoint_step` set to the restored step's request).
     workdir: the workdir the checkpoint and `data/` come from.
-    step: the training step restored.
-    table: the workdir's embedding table (`data/text_table.npz`).
-    parts: `sample._restore`'s dict: model, objective, space, params, null text, affine, ...
+    restored: `checkpoints.Generator`: model, objective, space, params, table, null text, affine.
   """
   config: Any
   workdir: str
-  step: int
-  table: EmbeddingTable
-  parts: dict
+  restored: checkpoints.Generator
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def step(self) -> int:
+    """The training step restored."""
+    return self.restored.step
+
+  @property
+  def table(self) -> EmbeddingTable:
+    """The workdir's embedding table (`data/text_table.npz`)."""
+    return self.restored.table
 
   @property
   def latent_shape(self) -> tuple[int, ...]:
     """Shape of one starting noise, without batch (e.g. `[16, 16, 16, 8]` for WDM at 32³)."""
-    return tuple(self.parts["space"].latent_shape(tuple(self.config.data.shape)))
+    return self.restored.latent_shape
 
   @property
   def affine(self) -> np.ndarray:
     """The data grid's 4×4 voxel-to-world affine (written into every NIfTI)."""
-    return np.asarray(self.parts["affine"])
+    return np.asarray(self.restored.affine)
 
   def sampler_is_ode(self) -> bool:
     """Whether the configured sampler already is the objective's deterministic ODE step (DDIM
@@ -147,23 +157,24 @@ class Generator:
     return o.name == "rflow" or (o.sampler in ("default", "ddim") and float(o.eta) == 0.0)
 
   def sampler(self, scale: float, deterministic: bool = False, depth: float = 1.0):
-    """`sample.make_sampler` for this guidance scale, built (and jit-compiled) once per session."""
-    from cf3d_jax.sample import make_sampler
+    """`generate.make_sampler` for this guidance scale, built (and jit-compiled) once per
+    session."""
+    from cf3d_jax.generate import make_sampler
     deterministic = deterministic and not (depth == 1.0 and self.sampler_is_ode())
     key = ("sample", float(scale), deterministic, float(depth))
     if key not in self._cache:
-      p = self.parts
-      self._cache[key] = make_sampler(p["model"], p["objective"], p["space"], float(scale),
-                                      *p["null"], deterministic=deterministic, depth=depth)
+      r = self.restored
+      self._cache[key] = make_sampler(r.model, r.objective, r.space, float(scale), *r.null,
+                                      deterministic=deterministic, depth=depth)
     return self._cache[key]
 
   def inverter(self, refine_iters: int, depth: float):
-    """`sample.make_inverter` (conditional model), built once per (refinements, depth)."""
-    from cf3d_jax.sample import make_inverter
+    """`generate.make_inverter` (conditional model), built once per (refinements, depth)."""
+    from cf3d_jax.generate import make_inverter
     key = ("invert", int(refine_iters), float(depth))
     if key not in self._cache:
-      p = self.parts
-      self._cache[key] = make_inverter(p["model"], p["objective"], p["space"], int(refine_iters),
+      r = self.restored
+      self._cache[key] = make_inverter(r.model, r.objective, r.space, int(refine_iters),
                                        float(depth))
     return self._cache[key]
 
@@ -176,15 +187,14 @@ def load_generator(path: str, config: Any) -> Generator:
   one; `config.sample.use_ema` picks EMA or raw parameters. Errors (`DataError`) name the missing
   folder or file (no checkpoint, no prepared data/).
   """
-  from cf3d_jax.sample import _restore
+  from cf3d_jax import checkpoints
   if isinstance(config, str):
     config = load_config(config)
   workdir, step = resolve_workdir(path)
   if step is not None:
     config.sample.checkpoint_step = step
-  parts = _restore(config, workdir)
-  return Generator(config=config, workdir=workdir, step=parts["step"], table=parts["table"],
-                   parts=parts)
+  return Generator(config=config, workdir=workdir,
+                   restored=checkpoints.load_generator(config, workdir))
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -329,7 +339,7 @@ class Counterfactuals:
     volumes: float32 `[P, D, H, W]` in [-1, 1], one per prompt of `prompt_set`.
     prompt_set: the prompts and where their embeddings came from.
     guidance: the classifier-free guidance scale w.
-    seed, subject: the noise `sample.subject_noise(seed, subject)` (synthetic subjects).
+    seed, subject: the noise `generate.subject_noise(seed, subject)` (synthetic subjects).
     step: the checkpoint's training step.
     affine: 4×4 voxel-to-world affine of the data grid.
     source: for an inverted scan, its path; `input` its conformed volume `[D, H, W]`.
@@ -350,42 +360,39 @@ class Counterfactuals:
     return self.input if self.input is not None else self.volumes[0]
 
 
-def _decode(gen: Generator, z: np.ndarray, prompt_set: PromptSet, guidance: float, key,
-            deterministic: bool = False, depth: float = 1.0,
-            batch_size: int | None = None, factual: PromptSet | None = None) -> np.ndarray:
-  """Decodes noises `z [P, ...]` under the prompts: `[P, D, H, W]`, in batches of one size.
+def _guided_against(gen: Generator, prompt_set: PromptSet, factual: PromptSet | None):
+  """The text each prompt is guided against (`generate.guidance_negatives` for
+  `config.sample.guidance_negative`): `[P, L, E]`, `[P, L]`; 'factual' = `factual` (one prompt),
+  else the first prompt."""
+  from cf3d_jax.generate import guidance_negatives
+  n, ref = len(prompt_set.prompts), factual or prompt_set
+  return guidance_negatives(gen.config.sample.guidance_negative, prompt_set.emb, prompt_set.mask,
+                            np.repeat(ref.emb[:1], n, 0), np.repeat(ref.mask[:1], n, 0),
+                            gen.restored.null)
 
-  Each prompt is guided against the text `config.sample.guidance_negative` names: the null
-  text, or ('factual') the factual prompt — `factual` (one prompt), else the first prompt."""
-  from cf3d_jax.sample import _batched, guidance_negatives
-  run = gen.sampler(guidance, deterministic, depth)
-  n = len(prompt_set.prompts)
-  bsz = min(int(batch_size or gen.config.sample.batch_size), n)
-  ref = factual or prompt_set
-  neg_e, neg_m = guidance_negatives(gen.config.sample.guidance_negative, prompt_set.emb,
-                                    prompt_set.mask, np.repeat(ref.emb[:1], n, 0),
-                                    np.repeat(ref.mask[:1], n, 0), gen.parts["null"])
-  x = _batched(lambda zz, e, m, ne, nm: run(gen.parts["params"], zz, e, m, key, ne, nm), n, bsz,
-               np.asarray(z), prompt_set.emb, prompt_set.mask, neg_e, neg_m)
-  return np.asarray(x[..., 0], np.float32)
+
+def _batch_size(gen: Generator, prompt_set: PromptSet, batch_size: int | None) -> int:
+  return min(int(batch_size or gen.config.sample.batch_size), len(prompt_set.prompts))
 
 
 def generate(gen: Generator, prompt_set: PromptSet, guidance: float, seed: int,
              subject: int = 0, batch_size: int | None = None) -> Counterfactuals:
-  """Decodes ONE fixed noise (`sample.subject_noise(seed, subject)`) under every prompt at
+  """Decodes ONE fixed noise (`generate.subject_noise(seed, subject)`) under every prompt at
   guidance scale w: `volumes [P, D, H, W]`. With the deterministic samplers (DDIM η = 0,
   rectified flow: the defaults) a volume depends only on (noise, prompt, w), so the factual
   (first) prompt gives the same volume in every call. Ancestral samplers also draw per-step noise
   from the CLI's key `fold_in(key(seed + SAMPLE_STREAM), 0)`, one draw per batch position: the
   same prompt at the same position (the factual always) gives the same volume."""
   import jax
-  from cf3d_jax.sample import SAMPLE_STREAM, subject_noise
-  z = np.asarray(subject_noise(int(seed), int(subject), gen.latent_shape))
-  zs = np.broadcast_to(z, (len(prompt_set.prompts),) + z.shape)
-  key = jax.random.fold_in(jax.random.key(int(seed) + SAMPLE_STREAM), 0)
-  volumes = _decode(gen, zs, prompt_set, guidance, key, batch_size=batch_size)
-  return Counterfactuals(volumes, prompt_set, float(guidance), int(seed), int(subject), gen.step,
-                         gen.affine)
+  from cf3d_jax import generate as generate_lib
+  key = jax.random.fold_in(jax.random.key(int(seed) + generate_lib.SAMPLE_STREAM), 0)
+  ((_, x),) = generate_lib.generate(
+      gen.restored, [int(subject)], prompt_set.emb, prompt_set.mask, [guidance],
+      noise_seed=int(seed), key=key, batch_size=_batch_size(gen, prompt_set, batch_size),
+      negative=gen.config.sample.guidance_negative, sampler_for=gen.sampler,
+      per_batch_keys=False)
+  return Counterfactuals(np.asarray(x[0, ..., 0], np.float32), prompt_set, float(guidance),
+                         int(seed), int(subject), gen.step, gen.affine)
 
 
 def invert_scan(gen: Generator, path: str, factual: PromptSet, prompt_set: PromptSet,
@@ -396,7 +403,8 @@ def invert_scan(gen: Generator, path: str, factual: PromptSet, prompt_set: Promp
   `factual`) by the conditional model, decoded from that noise under every prompt at guidance w
   with the deterministic sampler. Differences are against the input."""
   import jax
-  from cf3d_jax.sample import SAMPLE_STREAM, load_source
+  from cf3d_jax.generate import SAMPLE_STREAM, batched
+  from cf3d_jax.sample import load_source
   if len(factual.prompts) != 1:
     raise PromptError(f"invert_scan takes one factual prompt, got {list(factual.prompts)}")
   cfg = gen.config.sample
@@ -404,13 +412,18 @@ def invert_scan(gen: Generator, path: str, factual: PromptSet, prompt_set: Promp
   depth = float(cfg.inversion_depth if depth is None else depth)
   volume = load_source(path, gen.config, gen.affine)                    # [D, H, W]
   invert = gen.inverter(refine, depth)
-  z_t = np.asarray(invert(gen.parts["params"], volume[None, ..., None], factual.emb, factual.mask))
-  zs = np.broadcast_to(z_t[0], (len(prompt_set.prompts),) + z_t.shape[1:])
+  params = gen.restored.params
+  z_t = np.asarray(invert(params, volume[None, ..., None], factual.emb, factual.mask))
+  n = len(prompt_set.prompts)
+  zs = np.broadcast_to(z_t[0], (n,) + z_t.shape[1:])
   key = jax.random.key(int(gen.config.seed) + SAMPLE_STREAM)
-  volumes = _decode(gen, zs, prompt_set, guidance, key, deterministic=True, depth=depth,
-                    factual=factual)
-  return Counterfactuals(volumes, prompt_set, float(guidance), int(gen.config.seed), 0, gen.step,
-                         gen.affine, source=os.path.abspath(path), input=volume)
+  run = gen.sampler(guidance, deterministic=True, depth=depth)
+  x = batched(lambda _, z, e, m, ne, nm: run(params, z, e, m, key, ne, nm), n,
+              _batch_size(gen, prompt_set, None), zs, prompt_set.emb, prompt_set.mask,
+              *_guided_against(gen, prompt_set, factual))
+  return Counterfactuals(np.asarray(x[..., 0], np.float32), prompt_set, float(guidance),
+                         int(gen.config.seed), 0, gen.step, gen.affine,
+                         source=os.path.abspath(path), input=volume)
 
 
 def difference_maps(volumes: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:

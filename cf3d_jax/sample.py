@@ -43,165 +43,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from cf3d_jax import config_base, parallel
-from cf3d_jax.data import nifti, phantoms, records
+from cf3d_jax import parallel
+from cf3d_jax.checkpoints import load_generator
+from cf3d_jax.data import nifti, phantoms
 from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.files import atomic_dir, atomic_path, unique_slug, write_text
+from cf3d_jax.generate import SAMPLE_STREAM, batched, generate, guidance_negatives, \
+    make_inverter, make_sampler, mesh_kwargs, sampler_on_mesh
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.metrics.image import psnr
-from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
-from cf3d_jax.spaces import placed
 from cf3d_jax.text import prompts as prompt_lib
-from cf3d_jax.text.table import load_table
-from cf3d_jax.train import abstract_state, build_components, check_checkpoint_config, \
-    checkpoint_manager, make_optimizer, restore_state
-
-SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
-
-
-def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
-  """The fixed starting noise of subject k, `shape` = latent shape without batch."""
-  key = jax.random.fold_in(jax.random.key(seed + SAMPLE_STREAM), k)
-  return jax.random.normal(key, tuple(shape), jnp.float32)
-
-
-def _on_mesh(jitted, space, mesh, rules):
-  """`call(params, batch, rest=())` → `jitted(params, space_params, *batch, *rest)`. With `mesh`:
-  the host `batch` arrays (every process holds the same whole batch) become global arrays split
-  by `parallel.batch_spec`, the space's params and the `rest` arrays are replicated, the call is
-  traced with the activation rules, and the result comes back to every process as NumPy."""
-  if mesh is None:
-    return lambda params, batch, rest=(): jitted(params, space.params, *batch, *rest)
-  space_params = parallel.replicate(space.params, mesh)
-
-  def call(params, batch, rest=()):
-    on_mesh = parallel.put_batch(dict(enumerate(np.asarray(a) for a in batch)), mesh, rules)
-    with parallel.activation_context(mesh, rules):
-      out = jitted(params, space_params, *(on_mesh[i] for i in range(len(batch))),
-                   *(parallel.replicate(a, mesh) for a in rest))
-    return jax.tree.map(parallel.to_host, out)
-
-  return call
-
-
-def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
-                 deterministic: bool = False, depth: float = 1.0, mesh=None,
-                 rules: parallel.Rules = parallel.DEFAULT_RULES,
-                 interval: tuple[float, float] = (0.0, 1.0), edit_masks=None):
-  """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
-
-  The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
-  guided against (contrastive guidance, `guidance_negatives`); absent = the null text
-  (`null_emb [L,E]`, `null_mask [L]`) for every item, the paper's classifier-free guidance.
-
-  deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
-  interval: the guidance interval (fractions of T, `guidance.guided`).
-  edit_masks `(mask_z [1, d, h, w, 1], mask_img [1, D, H, W, 1])` (`edit_masks`): blended
-  editing of given scans; the sampler then takes `known` `[B, S', ...]` (the inversion
-  trajectory, batch first) and the input images `[B, D, H, W, 1]` after the key, follows the
-  inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
-  The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
-  mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
-  z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
-  it splits), the Haar transform block-local on `spatial`; returns NumPy on every process.
-  """
-  sp_placed = placed(space, mesh, rules)
-
-  def run(params, space_params, z_start, emb, mask, neg_emb, neg_mask, *rest):
-    def model_fn(z, t, e, m):
-      return model.apply({"params": params}, z, t, e, m, train=False)
-    if edit_masks is None:
-      (key_data,), known, mask_z = rest, None, None
-    else:
-      known, x_input, key_data, mask_z, mask_img = rest
-      known = jnp.swapaxes(known, 0, 1)                  # [S', B, ...] for the scan
-    key = jax.random.wrap_key_data(key_data)
-    sp = sp_placed.with_params(space_params)
-    fn = guided(model_fn, scale, neg_emb, neg_mask, interval, objective.num_train_steps)
-    # Images live in [-1, 1]: the last clamp removes the inverse transform's rounding (±1e-7).
-    x = jnp.clip(sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
-                                       deterministic=deterministic, depth=depth, known=known,
-                                       edit_mask=mask_z)), -1.0, 1.0)
-    if edit_masks is None:
-      return x
-    return mask_img * x + (1 - mask_img) * x_input
-
-  call = _on_mesh(jax.jit(run), space, mesh, rules)
-
-  def negatives(emb, neg_emb, neg_mask):
-    """The per-item negative text `[B,L,E]`, `[B,L]`: the given one, else the null text."""
-    if (neg_emb is None) != (neg_mask is None):
-      raise ValueError("give both neg_emb and neg_mask, or neither")
-    if neg_emb is None:
-      b = np.shape(emb)[0]
-      neg_emb = np.broadcast_to(np.asarray(null_emb), (b,) + np.shape(null_emb))
-      neg_mask = np.broadcast_to(np.asarray(null_mask), (b,) + np.shape(null_mask))
-    if np.shape(neg_emb) != np.shape(emb):
-      raise ValueError(f"neg_emb has shape {np.shape(neg_emb)}; expected emb's {np.shape(emb)}")
-    return neg_emb, neg_mask
-
-  if edit_masks is None:
-    return lambda params, z_start, emb, mask, key, neg_emb=None, neg_mask=None: call(
-        params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask), (_key_data(key),))
-  return lambda params, z_start, emb, mask, key, known, x_input, neg_emb=None, neg_mask=None: call(
-      params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask) + (known, x_input),
-      (_key_data(key),) + tuple(edit_masks))
-
-
-GUIDANCE_NEGATIVES = ("null", "factual")
-
-
-def guidance_negatives(mode: str, emb: np.ndarray, mask: np.ndarray, factual_emb: np.ndarray,
-                       factual_mask: np.ndarray, null: tuple[np.ndarray, np.ndarray]
-                       ) -> tuple[np.ndarray, np.ndarray]:
-  """The text each item is guided against (`config.sample.guidance_negative`): `[B,L,E]`, `[B,L]`.
-
-  emb `[B,L,E]`, mask `[B,L]`: each item's prompt; factual_emb / factual_mask: the same item's
-  factual prompt (the first prompt, or a given scan's own); null `([L,E], [L])`.
-  'null': every item against the null text (classifier-free guidance, the paper's).
-  'factual' (contrastive guidance): every item against its factual prompt A. A counterfactual
-  prompt B gives `out = out_A + w (out_B − out_A)`: w scales the difference between the two
-  prompts' predictions; the factual item (B = A) is the conditional model `out_A` at every w.
-  Factual and counterfactual share the base `out_A`, so the subject outside the region the
-  prompts disagree on is kept, and the factual volume is the same across a guidance sweep.
-  """
-  emb, mask = np.asarray(emb), np.asarray(mask)
-  null_e = np.broadcast_to(np.asarray(null[0], emb.dtype), emb.shape)
-  null_m = np.broadcast_to(np.asarray(null[1], mask.dtype), mask.shape)
-  if mode == "null":
-    return null_e, null_m
-  if mode != "factual":
-    raise ConfigError(f"config.sample.guidance_negative={mode!r}: expected one of "
-                      f"{GUIDANCE_NEGATIVES}")
-  return np.asarray(factual_emb, emb.dtype), np.asarray(factual_mask, mask.dtype)
-
-
-def _key_data(key: jax.Array) -> np.ndarray:
-  """Raw uint32 data of a (typed or legacy) key: a plain array that can be replicated."""
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    key = jax.random.key_data(key)
-  return np.asarray(key)
-
-
-def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0, mesh=None,
-                  rules: parallel.Rules = parallel.DEFAULT_RULES, trajectory: bool = False):
-  """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
-
-  The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.
-  trajectory: return `(z_T, known [B, S', ...])`, the states blended editing follows.
-  """
-  sp_placed = placed(space, mesh, rules)
-
-  def run(params, space_params, x, emb, mask):
-    def model_fn(z, t, e, m):
-      return model.apply({"params": params}, z, t, e, m, train=False)
-    z0 = sp_placed.with_params(space_params).encode(x)
-    out = invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth, trajectory)
-    return (out[0], jnp.swapaxes(out[1], 0, 1)) if trajectory else out
-
-  call = _on_mesh(jax.jit(run), space, mesh, rules)
-  return lambda params, x, emb, mask: call(params, (x, emb, mask))
 
 
 def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> None:
@@ -236,42 +88,6 @@ def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> 
   with atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
-
-
-def _restore(config, workdir: str) -> dict:
-  """Everything sampling needs: data meta, the table, the model family and restored params."""
-  config_base.validate(config, "sample")
-  paths = data_paths(workdir)
-  index = records.load_index(paths["records"])
-  table = load_table(paths["table"])
-  prompts = list(config.sample.prompts)
-  emb, mask = table.lookup(prompts)                      # PromptError for unknown prompts
-  null_emb, null_mask = table.lookup([prompt_lib.NULL_PROMPT])
-  reference = (phantoms.load_reference(paths["reference"])
-               if os.path.exists(paths["reference"]) else None)
-  model, objective, space = build_components(config, workdir, load_autoencoder=True)
-  mesh = parallel.make_mesh(config.mesh.shape)
-  parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
-  mngr = checkpoint_manager(workdir, config.train)
-  check_checkpoint_config(config, mngr, config.sample.checkpoint_step, ("model",))
-  # Restored straight onto the mesh (FSDP by config.mesh.rules), whatever mesh trained it.
-  state = restore_state(mngr, abstract_state(model, make_optimizer(config.train), config,
-                                             table.embeddings.shape[1:], mesh),
-                        step=config.sample.checkpoint_step)
-  params = state["ema"] if config.sample.use_ema else state["params"]
-  return {"table": table, "prompts": prompts, "emb": emb, "mask": mask,
-          "null": (null_emb[0], null_mask[0]), "reference": reference,
-          "affine": np.asarray(index["meta"].get("affine", np.eye(4))),
-          "model": model, "objective": objective, "space": space, "params": params,
-          "step": int(state["step"]), "mesh": mesh,
-          "rules": parallel.rules_from_config(config.mesh)}
-
-
-def mesh_kwargs(r: dict, batch_size: int, key: str) -> dict:
-  """`make_sampler` / `make_inverter` keywords for the restored mesh; ConfigError naming `key`
-  if `batch_size` does not split over its data axis."""
-  parallel.check_batch_divisible(batch_size, r["mesh"], key)
-  return {"mesh": r["mesh"], "rules": r["rules"]}
 
 
 def _phantom_rule(reference, config) -> phantom_lib.PhantomRule | None:
@@ -371,46 +187,34 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   """
   if config.sample.source:
     return sample_from_sources(config, workdir)
-  from tqdm import tqdm
-  r = _restore(config, workdir)
-  prompts, emb, mask = r["prompts"], r["emb"], r["mask"]
-  rule = _phantom_rule(r["reference"], config)
-  z_shape = r["space"].latent_shape(tuple(config.data.shape))
-  items = [(k, p) for k in range(config.sample.num_subjects) for p in range(len(prompts))]
+  gen = load_generator(config, workdir)
+  prompts = list(config.sample.prompts)
+  emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
+  rule = _phantom_rule(phantoms.find_reference(data_paths(workdir)["reference"]), config)
   bsz = config.sample.batch_size
   out_dir = os.path.join(workdir, "samples")
   names = prompt_file_names(prompts)
   entries = []
+  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval)
   with output_folder(out_dir) as tmp_dir:   # None on processes that do not write
-    for scale in config.sample.guidance_scales:
-      run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
-                         interval=tuple(config.sample.guidance_interval),
-                         **mesh_kwargs(r, bsz, "sample.batch_size"))
-      volumes = {}
-      for start in tqdm(range(0, len(items), bsz), desc=f"sampling w={scale:g}", unit="batch",
-                        disable=jax.process_index() > 0):
-        chunk = items[start:start + bsz]
-        padded = chunk + [chunk[-1]] * (bsz - len(chunk))   # one compiled shape for every call
-        z = jnp.stack([subject_noise(config.seed, k, z_shape) for k, _ in padded])
-        rows = [p for _, p in padded]
-        neg = guidance_negatives(config.sample.guidance_negative, emb[rows], mask[rows],
-                                 emb[[0] * len(rows)], mask[[0] * len(rows)], r["null"])
-        x = run(r["params"], z, emb[rows], mask[rows],
-                jax.random.fold_in(jax.random.key(config.seed + SAMPLE_STREAM), start), *neg)
-        for (k, p), v in zip(chunk, np.asarray(x)[: len(chunk), ..., 0]):
-          volumes[(k, p)] = v
+    for scale, x in generate(gen, range(config.sample.num_subjects), emb, mask,
+                             config.sample.guidance_scales, noise_seed=config.seed,
+                             key=jax.random.key(config.seed + SAMPLE_STREAM), batch_size=bsz,
+                             negative=config.sample.guidance_negative, sampler_for=sampler_for,
+                             desc="sampling"):
+      volumes = x[..., 0]                                # [K, P, D, H, W]
       for k in range(config.sample.num_subjects):
         sub_dir = f"g{scale:g}/subject_{k:03d}"
         for p, prompt in enumerate(prompts):
           rel = os.path.join(sub_dir, names[p])
           if tmp_dir is not None:   # multi-host: every process samples, process 0 writes
-            nifti.save_volume(os.path.join(tmp_dir, rel), volumes[(k, p)], r["affine"])
+            nifti.save_volume(os.path.join(tmp_dir, rel), volumes[k, p], gen.affine)
           entry = {"subject": k, "prompt": prompt, "guidance_scale": float(scale), "nifti": rel}
-          _ground_truth_stats(entry, volumes[(k, p)], rule, volumes[(k, 0)] if p else None)
+          _ground_truth_stats(entry, volumes[k, p], rule, volumes[k, 0] if p else None)
           entries.append(entry)
         if tmp_dir is not None:
-          montage(os.path.join(tmp_dir, sub_dir + ".png"), [volumes[(k, p)] for p in range(len(prompts))], prompts)
-    result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
+          montage(os.path.join(tmp_dir, sub_dir + ".png"), list(volumes[k]), prompts)
+    result = {"checkpoint_step": gen.step, "seed": config.seed, "prompts": prompts,
               "guidance_scales": [float(g) for g in config.sample.guidance_scales],
               "guidance": _guidance_record(config, prompts[0]),
               "num_subjects": config.sample.num_subjects, "items": entries}
@@ -513,18 +317,6 @@ def load_source(path: str, config, grid_affine: np.ndarray | None = None) -> np.
   return volume
 
 
-def _batched(fn, n: int, bsz: int, *arrays):
-  """Runs fn on batches of `bsz` (the last padded by repetition) and concatenates `[n, ...]`
-  (each array of a tuple output alike)."""
-  outs = []
-  for start in range(0, n, bsz):
-    idx = list(range(start, min(start + bsz, n)))
-    idx += [idx[-1]] * (bsz - len(idx))
-    out = fn(*[a[np.asarray(idx)] for a in arrays])
-    outs.append(jax.tree.map(lambda a: np.asarray(a)[: min(bsz, n - start)], out))
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
-
-
 def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
   """`config.sample.edit_mask` → (mask on z's grid `[1, d, h, w, 1]`, image mask
   `[1, D, H, W, 1]`), float32 in {0, 1}; None when unset. 'template_wm' = the phantom
@@ -558,28 +350,30 @@ def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, n
 def sample_from_sources(config, workdir: str) -> dict:
   """Real-subject counterfactuals of the scans `config.sample.source` names (module docstring)."""
   from tqdm import tqdm
-  r = _restore(config, workdir)
-  prompts, table = r["prompts"], r["table"]
-  rule = _phantom_rule(r["reference"], config)
+  gen = load_generator(config, workdir)
+  prompts = list(config.sample.prompts)
+  emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
+  reference = phantoms.find_reference(data_paths(workdir)["reference"])
+  rule = _phantom_rule(reference, config)
   sources = resolve_sources(config.sample.source, config.data.dataset)
   factual = _factual_prompts(config, sources, prompts)
-  f_emb, f_mask = table.lookup(factual)
-  inputs = np.stack([load_source(s["path"], config, r["affine"])
+  f_emb, f_mask = gen.table.lookup(factual)
+  inputs = np.stack([load_source(s["path"], config, gen.affine)
                      for s in tqdm(sources, desc="loading", unit="scan",
                                               disable=jax.process_index() > 0)])[..., None]
   n, bsz = len(sources), config.sample.batch_size
   depth = float(config.sample.inversion_depth)
-  on_mesh = mesh_kwargs(r, bsz, "sample.batch_size")
-  masks = edit_masks(config, r["reference"], r["space"].latent_shape(tuple(config.data.shape)))
-  invert = make_inverter(r["model"], r["objective"], r["space"], config.sample.inversion_refine,
+  on_mesh = mesh_kwargs(gen, bsz, "sample.batch_size")
+  masks = edit_masks(config, reference, gen.latent_shape)
+  invert = make_inverter(gen.model, gen.objective, gen.space, config.sample.inversion_refine,
                          depth, trajectory=masks is not None, **on_mesh)
-  z_T = _batched(lambda x, e, m: invert(r["params"], x, e, m), n, bsz, inputs, f_emb, f_mask)
+  z_T = batched(lambda _, x, e, m: invert(gen.params, x, e, m), n, bsz, inputs, f_emb, f_mask)
   z_T, known = z_T if masks is not None else (z_T, None)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
-  plain = make_sampler(r["model"], r["objective"], r["space"], 1.0, *r["null"], deterministic=True,
+  plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
                        depth=depth, **on_mesh)
-  recon = _batched(lambda z, e, m: plain(r["params"], z, e, m, key), n, bsz, z_T, f_emb, f_mask)
+  recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n, bsz, z_T, f_emb, f_mask)
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
   items = [(k, p) for k in range(n) for p in range(len(prompts))]
   ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
@@ -588,32 +382,32 @@ def sample_from_sources(config, workdir: str) -> dict:
   entries = []
   with output_folder(out_dir) as tmp_dir:   # None on processes that do not write
     for scale in config.sample.guidance_scales:
-      run = make_sampler(r["model"], r["objective"], r["space"], float(scale), *r["null"],
+      run = make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
                          deterministic=True, depth=depth, edit_masks=masks,
                          interval=tuple(config.sample.guidance_interval), **on_mesh)
-      neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, r["emb"][ps],
-                                        r["mask"][ps], f_emb[ks], f_mask[ks], r["null"])
+      neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
+                                        f_emb[ks], f_mask[ks], gen.null)
       if masks is None:
-        x = _batched(lambda z, e, m, ne, nm: run(r["params"], z, e, m, key, ne, nm), len(items),
-                     bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m)
+        x = batched(lambda _, z, e, m, ne, nm: run(gen.params, z, e, m, key, ne, nm), len(items),
+                    bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m)
       else:
-        x = _batched(lambda z, e, m, ne, nm, kn, xin: run(r["params"], z, e, m, key, kn, xin, ne,
-                                                          nm),
-                     len(items), bsz, z_T[ks], r["emb"][ps], r["mask"][ps], neg_e, neg_m,
-                     known[ks], inputs[ks])
+        x = batched(lambda _, z, e, m, ne, nm, kn, xin: run(gen.params, z, e, m, key, kn, xin, ne,
+                                                            nm),
+                    len(items), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, known[ks],
+                    inputs[ks])
       scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
       for k, src in enumerate(sources):
         sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
         write = tmp_dir is not None   # multi-host: every process samples, process 0 writes
         if write:
           nifti.save_volume(os.path.join(tmp_dir, sub, "input.nii.gz"), inputs[k, ..., 0],
-                            r["affine"])
+                            gen.affine)
         vols = []
         for i in np.flatnonzero(ks == k):
           prompt = prompts[ps[i]]
           rel = os.path.join(sub, names[ps[i]])
           if write:
-            nifti.save_volume(os.path.join(tmp_dir, rel), x[i, ..., 0], r["affine"])
+            nifti.save_volume(os.path.join(tmp_dir, rel), x[i, ..., 0], gen.affine)
           entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
                    "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
                    "psnr_vs_input_db": float(scores[i])}
@@ -623,11 +417,11 @@ def sample_from_sources(config, workdir: str) -> dict:
         if write:
           montage(os.path.join(tmp_dir, sub) + ".png", [inputs[k, ..., 0]] + vols,
                   ["input: " + os.path.basename(src["path"])] + prompts)
-    result = {"checkpoint_step": r["step"], "seed": config.seed, "prompts": prompts,
+    result = {"checkpoint_step": gen.step, "seed": config.seed, "prompts": prompts,
               "guidance_scales": [float(g) for g in config.sample.guidance_scales],
               "guidance": _guidance_record(config, "each scan's factual prompt"),
               "num_subjects": n, "objective": config.objective.name,
-              "inversion": {"sampler_steps": int(len(r["objective"].timesteps())),
+              "inversion": {"sampler_steps": int(len(gen.objective.timesteps())),
                             "depth": depth,
                             "refine_iters": int(config.sample.inversion_refine),
                             "edit_mask": config.sample.edit_mask or None,

@@ -3,7 +3,8 @@
 State is a plain pytree `{params, ema, opt_state, step}`, donated to a jitted pure
 `train_step`; the step's randomness is `fold_in(key(seed), step)`. Orbax checkpoints hold the
 state, the grain iterator position and a JSON summary, so a run killed at any point resumes from
-its last checkpoint and continues exactly as if it had not stopped.
+its last checkpoint and continues exactly as if it had not stopped (the state layout, manager and
+restore live in `cf3d_jax.checkpoints`).
 
 On a mesh (`cf3d_jax.parallel`): the state is created and restored already sharded (params, EMA
 and Adam moments FSDP-style by `config.mesh.rules`), the step is jitted with in/out shardings,
@@ -17,7 +18,6 @@ import contextlib
 import functools
 import inspect
 import os
-import shutil
 import signal
 import threading
 import time
@@ -32,16 +32,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from cf3d_jax import config_base, fingerprint, parallel
+from cf3d_jax.checkpoints import State, abstract_state, build_components, \
+    check_checkpoint_config, checkpoint_manager, init_state, restore_state
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.prepare import data_paths
-from cf3d_jax.errors import Cf3dError, ConfigError, DataError, Preempted
+from cf3d_jax.errors import Cf3dError, ConfigError, Preempted
 from cf3d_jax.models import unet as unet_lib
-from cf3d_jax.objectives import make_objective
 from cf3d_jax.spaces import make_space, placed
 from cf3d_jax.spaces import records_dir as records_dir_for
 from cf3d_jax.text.table import load_table
-
-State = dict[str, Any]
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -70,13 +69,6 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   if train_config.grad_clip_norm > 0:
     chain.insert(0, optax.clip_by_global_norm(train_config.grad_clip_norm))
   return optax.chain(*chain)
-
-
-def init_state(model, tx, key: jax.Array, z_shape, text_shape) -> State:
-  """Fresh state; z_shape `(N, d, h, w, C)`, text_shape `(L, E)`."""
-  params = unet_lib.make_init_fn(model, z_shape, text_shape)(key)
-  return {"params": params, "ema": jax.tree.map(jnp.copy, params),
-          "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
 def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *, model, tx,
@@ -131,59 +123,6 @@ def params_from_pretrained(params, path: str):
   return wdm_unet.merge_pretrained(params, pretrained, source=path, allow_new=allow_new)
 
 
-def remove_unfinished_saves(folder: str) -> list[str]:
-  """Deletes orbax's `STEP.orbax-checkpoint-tmp*` folders (saves killed before they committed)
-  in `folder` (process 0 only; the workdir lock keeps other jobs out); returns their names."""
-  if jax.process_index() != 0 or not os.path.isdir(folder):
-    return []
-  names = sorted(n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n)
-  for name in names:
-    logging.warning("removing an unfinished checkpoint save: %s", os.path.join(folder, name))
-    shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-  return names
-
-
-def checkpoint_manager(workdir: str, train_config) -> ocp.CheckpointManager:
-  remove_unfinished_saves(os.path.join(workdir, "checkpoints"))
-  options = ocp.CheckpointManagerOptions(max_to_keep=train_config.max_to_keep,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options)
-
-
-def restore_state(mngr: ocp.CheckpointManager, abstract_state: State, step: int | None = None,
-                  data_iterator=None) -> State:
-  """Restores state (and the iterator in place) from `step` (default: latest)."""
-  step = mngr.latest_step() if step is None or step < 0 else step
-  if step is None:
-    raise DataError(f"{mngr.directory}: no checkpoint to restore; train first")
-  if step not in mngr.all_steps():
-    raise DataError(f"{mngr.directory}: no checkpoint at step {step} (config.sample."
-                    f"checkpoint_step); saved steps: {sorted(mngr.all_steps())} (-1 = latest)")
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
-
-
-def checkpoint_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
-  """The JSON `meta` item of checkpoint `step` (step, seed and, since fingerprints, `config`)."""
-  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-
-def check_checkpoint_config(config, mngr: ocp.CheckpointManager, step: int | None,
-                            groups=("model",), more=(), where: str | None = None) -> None:
-  """ConfigError listing the keys of `groups` (`fingerprint`) that differ between `config` and
-  the config checkpoint `step` (default latest) was trained with, and the differences `more`
-  found in the prepared data; `where` names the workdir in the message."""
-  step = mngr.latest_step() if step is None or step < 0 else step
-  stored = {}
-  if step is not None and step in mngr.all_steps():
-    stored = checkpoint_meta(mngr, step).get("config")
-    where = where or os.path.join(str(mngr.directory), str(step))
-  fingerprint.check(stored, config, groups, where or str(mngr.directory), more)
-
-
 def data_config_differences(config, index: dict) -> list:
   """(key, old, new) where the prepared records' recorded data keys differ from `config`."""
   stored = index.get("meta", {}).get("config")
@@ -228,37 +167,6 @@ def check_finite(finite: jax.Array, metrics: dict[str, jax.Array], step: int,
                   f"{values['grad_norm']}; non-finite since the last check): not saved; "
                   f"{resume}. Lower config.train.learning_rate or enable "
                   "config.train.grad_clip_norm")
-
-
-def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
-  """(model, objective, space) named by the config; `workdir` and `load_autoencoder` are passed
-  to `spaces.make_space` (the latent space's recorded scale factor and its VAE)."""
-  space = make_space(config.space, workdir, load_autoencoder=load_autoencoder)
-  objective = make_objective(config.objective, space.latent_shape(tuple(config.data.shape)))
-  return unet_lib.build_unet(config.model), objective, space
-
-
-def abstract_state(model, tx, config, text_shape, mesh=None) -> State:
-  """Shapes and dtypes of the train state, with no memory allocated; with `mesh`, each leaf
-  carries its sharding (`state_shardings`), so a restore lands laid out for this mesh."""
-  space = make_space(config.space)
-  z_shape = (1,) + space.latent_shape(tuple(config.data.shape))
-  abstract = jax.eval_shape(
-      lambda k: init_state(model, tx, k, z_shape, text_shape), jax.random.key(0))
-  if mesh is None:
-    return abstract
-  shardings = state_shardings(model, abstract, config, text_shape, mesh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
-def state_shardings(model, abstract: State, config, text_shape, mesh) -> State:
-  """NamedShardings of the train state under `config.mesh.rules` (FSDP-style by default)."""
-  rules = parallel.rules_from_config(config.mesh)
-  z_shape = (1,) + make_space(config.space).latent_shape(tuple(config.data.shape))
-  logical = unet_lib.param_logical_axes(model, z_shape, text_shape)
-  return parallel.state_shardings(
-      abstract, parallel.tree_shardings(logical, abstract["params"], mesh, rules), mesh)
 
 
 def make_train_step(model, tx, objective, space, config, mesh, state_sh: State,

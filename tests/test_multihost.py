@@ -43,16 +43,16 @@ def _launch(workdir: str, *flags: str, mode: str = "train") -> None:
 
 def _restore(workdir: str, step: int, config) -> dict:
   """The step-`step` train state of `workdir`, restored onto this process's one device."""
-  from cf3d_jax import parallel, train
+  from cf3d_jax import checkpoints, parallel, train
   from cf3d_jax.data.prepare import data_paths
   from cf3d_jax.text.table import load_table
-  model, _, _ = train.build_components(config)
+  model, _, _ = checkpoints.build_components(config)
   table = load_table(data_paths(workdir)["table"])
   mesh = parallel.make_mesh((1, 1, 1))
-  abstract = train.abstract_state(model, train.make_optimizer(config.train), config,
-                                  table.embeddings.shape[1:], mesh)
-  mngr = train.checkpoint_manager(workdir, config.train)
-  return jax.device_get(train.restore_state(mngr, abstract, step=step))
+  abstract = checkpoints.abstract_state(model, train.make_optimizer(config.train), config,
+                                        table.embeddings.shape[1:], mesh)
+  mngr = checkpoints.checkpoint_manager(workdir, config.train)
+  return jax.device_get(checkpoints.restore_state(mngr, abstract, step=step))
 
 
 def _assert_close(a: dict, b: dict, what: str) -> None:

@@ -268,15 +268,15 @@ def test_contrastive_guidance_on_a_trained_model(generator):
   w, a counterfactual is out_A + w (out_B − out_A) (not CFG's out_null + w (out_B − out_null):
   the negative reaches the network)."""
   import jax
-  from cf3d_jax.sample import guidance_negatives, subject_noise
+  from cf3d_jax.generate import guidance_negatives, subject_noise
   ps = nb.choose_prompts(generator.table, [MINIMAL, MODERATE, HIGH])
   z = np.broadcast_to(np.asarray(subject_noise(SEED, 0, generator.latent_shape)),
                       (3,) + generator.latent_shape)
-  key, params = jax.random.key(SEED), generator.parts["params"]
+  key, params = jax.random.key(SEED), generator.restored.params
   run = generator.sampler(GUIDANCE)
   cfg = np.asarray(run(params, z, ps.emb, ps.mask, key))
   neg = guidance_negatives("factual", ps.emb, ps.mask, np.repeat(ps.emb[:1], 3, 0),
-                           np.repeat(ps.mask[:1], 3, 0), generator.parts["null"])
+                           np.repeat(ps.mask[:1], 3, 0), generator.restored.null)
   contrastive = np.asarray(run(params, z, ps.emb, ps.mask, key, *neg))
   conditional = np.asarray(generator.sampler(1.0)(params, z, ps.emb, ps.mask, key))
   np.testing.assert_allclose(contrastive[0], conditional[0], atol=1e-5)

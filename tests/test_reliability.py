@@ -87,7 +87,7 @@ def test_manifest_without_manifest_source_is_an_error():
 
 # ---- item 8: one line, exit 2 ------------------------------------------------------------------
 def test_missing_checkpoint_step_names_the_saved_steps():
-  from cf3d_jax.train import restore_state
+  from cf3d_jax.checkpoints import restore_state
 
   class Manager:
     directory = "/w/checkpoints"
@@ -149,7 +149,7 @@ def _checkpoint(workdir, config, step=4):
   import orbax.checkpoint as ocp
   import numpy as np
   from cf3d_jax import fingerprint
-  from cf3d_jax.train import checkpoint_manager
+  from cf3d_jax.checkpoints import checkpoint_manager
   mngr = checkpoint_manager(workdir, config.train)
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave({"step": np.int32(step)}),
@@ -160,7 +160,7 @@ def _checkpoint(workdir, config, step=4):
 
 
 def test_resume_and_sample_refuse_a_checkpoint_of_another_config(tmp_path):
-  from cf3d_jax.train import check_checkpoint_config
+  from cf3d_jax.checkpoints import check_checkpoint_config
   c = load_config()
   mngr = _checkpoint(str(tmp_path), c)
   check_checkpoint_config(c, mngr, None, ("model", "recipe"))
@@ -310,7 +310,7 @@ def test_atomic_dir_recovers_a_kill_between_its_renames(tmp_path):
 
 
 def test_unfinished_orbax_saves_are_removed(tmp_path):
-  from cf3d_jax.train import remove_unfinished_saves
+  from cf3d_jax.checkpoints import remove_unfinished_saves
   folder = tmp_path / "checkpoints"
   (folder / "4").mkdir(parents=True)
   (folder / "6.orbax-checkpoint-tmp-1733").mkdir()

@@ -7,7 +7,8 @@ import pytest
 from cf3d_jax.config_base import load_config_file
 from cf3d_jax.data import phantoms
 from cf3d_jax.errors import ConfigError, DataError
-from cf3d_jax.sample import edit_masks, guidance_negatives, prompt_file_names
+from cf3d_jax.generate import guidance_negatives
+from cf3d_jax.sample import edit_masks, prompt_file_names
 
 
 @pytest.fixture

@@ -362,6 +362,12 @@ def load_reference(path: str | os.PathLike) -> Reference:
                            voxel_ml=float(contents['voxel_ml']), **arrays)
 
 
+def find_reference(path: str | os.PathLike) -> Reference | None:
+  """The Reference at `path` (:func:`load_reference`), or None when there is no such file (a
+  workdir prepared from real scans has no phantom reference)."""
+  return load_reference(path) if os.path.exists(path) else None
+
+
 # ------------------------------------------------------------------------------------------------
 # Smooth random fields.
 

@@ -104,7 +104,7 @@ class RectifiedFlow:
     if cfg.get("time_shift", True):
       if latent_shape is None:
         raise ConfigError("config.objective.time_shift=True needs the diffused tensor's shape; "
-                          "build the objective through train.build_components")
+                          "build the objective through checkpoints.build_components")
       ratio = shift_ratio(tuple(latent_shape)[:3], int(cfg.get("shift_base_numel", BASE_NUMEL)),
                           float(cfg.get("shift_scale", 1.0)))
     loc, scale = (float(v) for v in cfg.get("logit_normal", (0.0, 1.0)))

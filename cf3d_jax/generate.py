@@ -1,0 +1,242 @@
+"""Generation: samplers and inverters of a restored generator, and the one pad-and-batch loop.
+
+`generate(gen, noise_ids, emb, mask, scales, ...)` is noise ids × prompts × guidance scales →
+volumes, what `--mode=sample`, `--mode=evaluate` and the notebook decode with; `batched` is the
+loop under it (and under the inversions of given scans): fixed-size batches, the last padded
+by repetition, so every sampler call has one compiled shape.
+
+Randomness: subject k's starting noise is `normal(fold_in(key(seed + SAMPLE_STREAM), k))`
+(`subject_noise`), the same for every prompt and scale; the sampler's own draws (ancestral
+samplers) come from the key the caller gives, folded with each batch's first item.
+Volumes are `[N, D, H, W, 1]` in [-1, 1] (NDHWC).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cf3d_jax import parallel
+from cf3d_jax.checkpoints import Generator
+from cf3d_jax.errors import ConfigError
+from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
+from cf3d_jax.spaces import placed
+
+SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
+
+
+def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
+  """The fixed starting noise of subject k, `shape` = latent shape without batch."""
+  key = jax.random.fold_in(jax.random.key(seed + SAMPLE_STREAM), k)
+  return jax.random.normal(key, tuple(shape), jnp.float32)
+
+
+def _on_mesh(jitted, space, mesh, rules):
+  """`call(params, batch, rest=())` → `jitted(params, space_params, *batch, *rest)`. With `mesh`:
+  the host `batch` arrays (every process holds the same whole batch) become global arrays split
+  by `parallel.batch_spec`, the space's params and the `rest` arrays are replicated, the call is
+  traced with the activation rules, and the result comes back to every process as NumPy."""
+  if mesh is None:
+    return lambda params, batch, rest=(): jitted(params, space.params, *batch, *rest)
+  space_params = parallel.replicate(space.params, mesh)
+
+  def call(params, batch, rest=()):
+    on_mesh = parallel.put_batch(dict(enumerate(np.asarray(a) for a in batch)), mesh, rules)
+    with parallel.activation_context(mesh, rules):
+      out = jitted(params, space_params, *(on_mesh[i] for i in range(len(batch))),
+                   *(parallel.replicate(a, mesh) for a in rest))
+    return jax.tree.map(parallel.to_host, out)
+
+  return call
+
+
+def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
+                 deterministic: bool = False, depth: float = 1.0, mesh=None,
+                 rules: parallel.Rules = parallel.DEFAULT_RULES,
+                 interval: tuple[float, float] = (0.0, 1.0), edit_masks=None):
+  """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
+
+  The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
+  guided against (contrastive guidance, `guidance_negatives`); absent = the null text
+  (`null_emb [L,E]`, `null_mask [L]`) for every item, the paper's classifier-free guidance.
+
+  deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
+  interval: the guidance interval (fractions of T, `guidance.guided`).
+  edit_masks `(mask_z [1, d, h, w, 1], mask_img [1, D, H, W, 1])` (`edit_masks`): blended
+  editing of given scans; the sampler then takes `known` `[B, S', ...]` (the inversion
+  trajectory, batch first) and the input images `[B, D, H, W, 1]` after the key, follows the
+  inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
+  The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
+  mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
+  z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
+  it splits), the Haar transform block-local on `spatial`; returns NumPy on every process.
+  """
+  sp_placed = placed(space, mesh, rules)
+
+  def run(params, space_params, z_start, emb, mask, neg_emb, neg_mask, *rest):
+    def model_fn(z, t, e, m):
+      return model.apply({"params": params}, z, t, e, m, train=False)
+    if edit_masks is None:
+      (key_data,), known, mask_z = rest, None, None
+    else:
+      known, x_input, key_data, mask_z, mask_img = rest
+      known = jnp.swapaxes(known, 0, 1)                  # [S', B, ...] for the scan
+    key = jax.random.wrap_key_data(key_data)
+    sp = sp_placed.with_params(space_params)
+    fn = guided(model_fn, scale, neg_emb, neg_mask, interval, objective.num_train_steps)
+    # Images live in [-1, 1]: the last clamp removes the inverse transform's rounding (±1e-7).
+    x = jnp.clip(sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
+                                       deterministic=deterministic, depth=depth, known=known,
+                                       edit_mask=mask_z)), -1.0, 1.0)
+    if edit_masks is None:
+      return x
+    return mask_img * x + (1 - mask_img) * x_input
+
+  call = _on_mesh(jax.jit(run), space, mesh, rules)
+
+  def negatives(emb, neg_emb, neg_mask):
+    """The per-item negative text `[B,L,E]`, `[B,L]`: the given one, else the null text."""
+    if (neg_emb is None) != (neg_mask is None):
+      raise ValueError("give both neg_emb and neg_mask, or neither")
+    if neg_emb is None:
+      b = np.shape(emb)[0]
+      neg_emb = np.broadcast_to(np.asarray(null_emb), (b,) + np.shape(null_emb))
+      neg_mask = np.broadcast_to(np.asarray(null_mask), (b,) + np.shape(null_mask))
+    if np.shape(neg_emb) != np.shape(emb):
+      raise ValueError(f"neg_emb has shape {np.shape(neg_emb)}; expected emb's {np.shape(emb)}")
+    return neg_emb, neg_mask
+
+  if edit_masks is None:
+    return lambda params, z_start, emb, mask, key, neg_emb=None, neg_mask=None: call(
+        params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask), (_key_data(key),))
+  return lambda params, z_start, emb, mask, key, known, x_input, neg_emb=None, neg_mask=None: call(
+      params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask) + (known, x_input),
+      (_key_data(key),) + tuple(edit_masks))
+
+
+GUIDANCE_NEGATIVES = ("null", "factual")
+
+
+def guidance_negatives(mode: str, emb: np.ndarray, mask: np.ndarray, factual_emb: np.ndarray,
+                       factual_mask: np.ndarray, null: tuple[np.ndarray, np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """The text each item is guided against (`config.sample.guidance_negative`): `[B,L,E]`, `[B,L]`.
+
+  emb `[B,L,E]`, mask `[B,L]`: each item's prompt; factual_emb / factual_mask: the same item's
+  factual prompt (the first prompt, or a given scan's own); null `([L,E], [L])`.
+  'null': every item against the null text (classifier-free guidance, the paper's).
+  'factual' (contrastive guidance): every item against its factual prompt A. A counterfactual
+  prompt B gives `out = out_A + w (out_B − out_A)`: w scales the difference between the two
+  prompts' predictions; the factual item (B = A) is the conditional model `out_A` at every w.
+  Factual and counterfactual share the base `out_A`, so the subject outside the region the
+  prompts disagree on is kept, and the factual volume is the same across a guidance sweep.
+  """
+  emb, mask = np.asarray(emb), np.asarray(mask)
+  null_e = np.broadcast_to(np.asarray(null[0], emb.dtype), emb.shape)
+  null_m = np.broadcast_to(np.asarray(null[1], mask.dtype), mask.shape)
+  if mode == "null":
+    return null_e, null_m
+  if mode != "factual":
+    raise ConfigError(f"config.sample.guidance_negative={mode!r}: expected one of "
+                      f"{GUIDANCE_NEGATIVES}")
+  return np.asarray(factual_emb, emb.dtype), np.asarray(factual_mask, mask.dtype)
+
+
+def _key_data(key: jax.Array) -> np.ndarray:
+  """Raw uint32 data of a (typed or legacy) key: a plain array that can be replicated."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return np.asarray(key)
+
+
+def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0, mesh=None,
+                  rules: parallel.Rules = parallel.DEFAULT_RULES, trajectory: bool = False):
+  """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
+
+  The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.
+  trajectory: return `(z_T, known [B, S', ...])`, the states blended editing follows.
+  """
+  sp_placed = placed(space, mesh, rules)
+
+  def run(params, space_params, x, emb, mask):
+    def model_fn(z, t, e, m):
+      return model.apply({"params": params}, z, t, e, m, train=False)
+    z0 = sp_placed.with_params(space_params).encode(x)
+    out = invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth, trajectory)
+    return (out[0], jnp.swapaxes(out[1], 0, 1)) if trajectory else out
+
+  call = _on_mesh(jax.jit(run), space, mesh, rules)
+  return lambda params, x, emb, mask: call(params, (x, emb, mask))
+
+
+def mesh_kwargs(gen: Generator, batch_size: int, key: str) -> dict:
+  """`make_sampler` / `make_inverter` keywords for the generator's mesh; ConfigError naming
+  `key` if `batch_size` does not split over its data axis."""
+  parallel.check_batch_divisible(batch_size, gen.mesh, key)
+  return {"mesh": gen.mesh, "rules": gen.rules}
+
+
+def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
+                    interval: Sequence[float] = (0.0, 1.0)) -> Callable[[float], Callable]:
+  """scale → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
+  `interval`; ConfigError naming `key` (e.g. 'sample.batch_size') if `batch_size` does not
+  split over the mesh."""
+  on_mesh = mesh_kwargs(gen, batch_size, key)
+  return lambda scale: make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
+                                    interval=tuple(interval), **on_mesh)
+
+
+def batched(fn: Callable, n: int, batch_size: int, *arrays, desc: str | None = None):
+  """The one pad-and-batch loop: `fn(start, *[a[idx] for a in arrays])` for each batch
+  `idx = start, …, start + batch_size − 1` of `range(n)`, the last padded by repeating its last
+  index (one compiled shape for every call). Returns the outputs' real rows concatenated
+  `[n, ...]` as NumPy (each array of a tuple output alike). desc: a progress bar (process 0)."""
+  from tqdm import tqdm
+  outs = []
+  for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch",
+                    disable=desc is None or jax.process_index() > 0):
+    count = min(batch_size, n - start)
+    idx = np.arange(start, start + count)
+    idx = np.concatenate([idx, np.full(batch_size - count, idx[-1])])
+    out = fn(start, *[a[idx] for a in arrays])
+    outs.append(jax.tree.map(lambda a: np.asarray(a)[:count], out))
+  return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
+
+
+def generate(gen: Generator, noise_ids: Sequence[int], emb: np.ndarray, mask: np.ndarray,
+             scales: Sequence[float], *, noise_seed: int, key: jax.Array, batch_size: int,
+             negative: str, sampler_for: Callable[[float], Callable],
+             per_batch_keys: bool = True, desc: str | None = None
+             ) -> Iterator[tuple[float, np.ndarray]]:
+  """Noise ids × prompts × guidance scales → volumes, one scale at a time.
+
+  For each scale w of `scales` yields (w, volumes `[K, P, D, H, W, 1]`): the noise
+  `subject_noise(noise_seed, k, gen.latent_shape)` of each k of `noise_ids` (K) decoded under
+  each prompt (`emb [P, L, E]`, `mask [P, L]`; prompt 0 is the factual) by `sampler_for(w)` (a
+  `make_sampler` callable, e.g. `sampler_on_mesh`), with `gen.params`, each item guided against
+  the text `negative` names (`guidance_negatives`: the null text, or 'factual' = prompt 0).
+  Items run k-major in batches of `batch_size` (`batched`); the batch starting at item i
+  samples with key `fold_in(key, i)`, or with `key` itself when `per_batch_keys` is False.
+  desc: a progress-bar label, shown as '{desc} w={w}'.
+  """
+  emb, mask = np.asarray(emb), np.asarray(mask)
+  n_prompts, z_shape = len(emb), gen.latent_shape
+  ks = np.repeat(np.asarray(noise_ids, np.int64), n_prompts)
+  ps = np.tile(np.arange(n_prompts), len(noise_ids))
+  for scale in scales:
+    run = sampler_for(float(scale))
+
+    def one_batch(start, k_batch, p_batch, run=run):
+      z = jnp.stack([subject_noise(noise_seed, int(k), z_shape) for k in k_batch])
+      first = np.zeros_like(p_batch)
+      neg = guidance_negatives(negative, emb[p_batch], mask[p_batch], emb[first], mask[first],
+                               gen.null)
+      batch_key = jax.random.fold_in(key, start) if per_batch_keys else key
+      return run(gen.params, z, emb[p_batch], mask[p_batch], batch_key, *neg)
+
+    x = batched(one_batch, len(ks), batch_size, ks, ps,
+                desc=None if desc is None else f"{desc} w={scale:g}")
+    yield float(scale), x.reshape((len(noise_ids), n_prompts) + x.shape[1:])
