@@ -19,6 +19,7 @@ from cf3d_jax.errors import ConfigError
 
 def base_config() -> ml_collections.ConfigDict:
   """WDM on MS FLAIR at 128³ (DESIGN.md §4) with the seed paper's text conditioning."""
+  from cf3d_jax import parallel   # here, so importing this module (configs/*.py) stays light
   c = ml_collections.ConfigDict()
   c.seed = 0                                  # the one seed every random draw derives from
 
@@ -211,10 +212,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Logical axis → mesh axes, in order of precedence (cf3d_jax.parallel). Default: batch over
   # data × fsdp, volumes split along depth on spatial, params/EMA/Adam FSDP-sharded on fsdp.
   # Axes that do not divide a dimension leave it unsplit.
-  c.mesh.rules = (("activation_batch", ("data", "fsdp")), ("activation_depth", "spatial"),
-                  ("conv_out", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"),
-                  ("conv_in", "fsdp"), ("embed", "fsdp"), ("text_embed", "fsdp"),
-                  ("norm", "fsdp"))
+  c.mesh.rules = parallel.DEFAULT_RULES
   return c
 
 
