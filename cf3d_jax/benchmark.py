@@ -5,10 +5,11 @@ Prints one table per benchmark and writes JSON (`--output`, default `benchmark.j
 median of `--repeats` runs after compilation and one warm-up run, each ended by
 `jax.block_until_ready`. Times are in the column's unit; rates use 1 GB = 10⁹ bytes.
 
-  train     the jitted train step (state donated, as in training) of the config's model in the
-            config's space, at `train.batch_size`, for each U-Net `conv_impl` (`--conv_impls`);
-            the batch's `volume` is what the space's records hold (`space.record_shape`: images
-            for the wavelet space, unscaled latents for the latent space). Columns: space,
+  train     the trainer's jitted train step (`train.make_train_step` on one device, state
+            donated) of the config's model in the config's space, at `train.batch_size`, for
+            each U-Net `conv_impl` (`--conv_impls`; each on a copy of the config); the batch's
+            `volume` is what the space's records hold (`space.record_shape`: images for the
+            wavelet space, unscaled latents for the latent space). Columns: space,
             conv_impl, dtype, batch, shape (image D, H, W), compile_s (`lower().compile()`),
             first_step_ms (the first run after compiling), ms_per_step, voxels_per_s (image
             voxels per second), flops_per_step (XLA `cost_analysis()` of the compiled step),
@@ -51,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import platform
@@ -160,6 +160,14 @@ def _text_inputs(config, n: int) -> tuple[np.ndarray, np.ndarray, object]:
 
 # ---- train ---------------------------------------------------------------------------------
 
+def with_conv_impl(config, impl: str):
+  """A copy of `config` whose U-Net uses the conv formulation `impl` (`config` is unchanged)."""
+  copy = config.copy_and_resolve_references()
+  with copy.unlocked():
+    copy.model.conv_impl = impl
+  return copy
+
+
 def bench_train(config, repeats: int, conv_impls: Sequence[str] | None = None,
                 peak_flops: float = 0.0) -> list[dict]:
   """Train-step rows (module docstring) for each conv formulation in `conv_impls` (default
@@ -172,48 +180,42 @@ def bench_train(config, repeats: int, conv_impls: Sequence[str] | None = None,
   kind = str(jax.devices()[0].device_kind)
   peak = peak_flops_for(kind, str(config.model.dtype), peak_flops)
   rows = []
-  configured = config.model.conv_impl
-  try:
-    for impl in conv_impls or layers.CONV_IMPLS:
-      if impl not in layers.CONV_IMPLS:
-        raise ConfigError(f"conv_impls: {impl!r} is not one of {layers.CONV_IMPLS}")
-      config.model.conv_impl = impl
-      model, objective, space = checkpoints.build_components(config)
-      tx = train.make_optimizer(config.train)
-      z_shape = (b,) + space.latent_shape(shape)
-      init = jax.jit(lambda k: checkpoints.init_state(model, tx, k, z_shape, text_shape))
-      state = init.lower(jax.random.key(0)).compile(
-          compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(jax.random.key(0))
-      volume = jax.random.uniform(jax.random.key(2), (b,) + space.record_shape(shape),
-                                  jnp.float32, -1.0, 1.0)
-      batch = {"volume": volume, "text_emb": jnp.asarray(emb), "text_mask": jnp.asarray(mask)}
-      step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, objective=objective,
-                                       space=space, ema_decay=config.train.ema_decay),
-                     donate_argnums=0)
-      key = jax.random.key(1)
-      t = time.perf_counter()
-      compiled = step.lower(state, batch, key).compile()
-      compile_s = time.perf_counter() - t
-      carry = [state]
+  for impl in conv_impls or layers.CONV_IMPLS:
+    if impl not in layers.CONV_IMPLS:
+      raise ConfigError(f"conv_impls: {impl!r} is not one of {layers.CONV_IMPLS}")
+    run_config = with_conv_impl(config, impl)
+    model, objective, space = checkpoints.build_components(run_config)
+    tx = train.make_optimizer(run_config.train)
+    z_shape = (b,) + space.latent_shape(shape)
+    init = jax.jit(lambda k: checkpoints.init_state(model, tx, k, z_shape, text_shape))
+    state = init.lower(jax.random.key(0)).compile(
+        compiler_options=unet_lib.INIT_COMPILER_OPTIONS)(jax.random.key(0))
+    volume = jax.random.uniform(jax.random.key(2), (b,) + space.record_shape(shape),
+                                jnp.float32, -1.0, 1.0)
+    batch = {"volume": volume, "text_emb": jnp.asarray(emb), "text_mask": jnp.asarray(mask)}
+    step = train.make_train_step(model, tx, objective, space, run_config)
+    key = jax.random.key(1)
+    t = time.perf_counter()
+    compiled = step.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - t
+    carry = [state]
 
-      def run(compiled=compiled, carry=carry):
-        carry[0], metrics = compiled(carry[0], batch, key)
-        return carry[0], metrics
+    def run(compiled=compiled, carry=carry):
+      carry[0], metrics = compiled(carry[0], batch, key)
+      return carry[0], metrics
 
-      first, median = time_fn(run, repeats)
-      flops = memory.compiled_flops(compiled)
-      achieved = flops / median
-      rows.append({
-          "bench": "train", "space": config.space.name, "conv_impl": impl,
-          "dtype": str(config.model.dtype), "batch": b, "shape": list(shape),
-          "compile_s": _sig(compile_s), "first_step_ms": _sig(first * 1e3),
-          "ms_per_step": _sig(median * 1e3), "voxels_per_s": round(b * math.prod(shape) / median),
-          "flops_per_step": flops, "flops_per_s": _sig(achieved),
-          "peak_flops_per_s": peak, "of_peak": _sig(achieved / peak) if peak else None,
-          "peak_memory_mib": _sig(memory.peak_bytes(compiled) / 2 ** 20)})
-      print(f"train: {rows[-1]}", flush=True)
-  finally:
-    config.model.conv_impl = configured
+    first, median = time_fn(run, repeats)
+    flops = memory.compiled_flops(compiled)
+    achieved = flops / median
+    rows.append({
+        "bench": "train", "space": config.space.name, "conv_impl": impl,
+        "dtype": str(config.model.dtype), "batch": b, "shape": list(shape),
+        "compile_s": _sig(compile_s), "first_step_ms": _sig(first * 1e3),
+        "ms_per_step": _sig(median * 1e3), "voxels_per_s": round(b * math.prod(shape) / median),
+        "flops_per_step": flops, "flops_per_s": _sig(achieved),
+        "peak_flops_per_s": peak, "of_peak": _sig(achieved / peak) if peak else None,
+        "peak_memory_mib": _sig(memory.peak_bytes(compiled) / 2 ** 20)})
+    print(f"train: {rows[-1]}", flush=True)
   return rows
 
 

@@ -7,18 +7,17 @@ checks values the type system cannot (names, ranges, shapes) and raises ConfigEr
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, Callable
 
 import ml_collections
-import numpy as np
 
+from cf3d_jax.config_ranges import check_ranges, get_key
 from cf3d_jax.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
   """WDM on MS FLAIR at 128³ (DESIGN.md §4) with the seed paper's text conditioning."""
+  from cf3d_jax import parallel   # here, so importing this module (configs/*.py) stays light
   c = ml_collections.ConfigDict()
   c.seed = 0                                  # the one seed every random draw derives from
 
@@ -211,10 +210,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Logical axis → mesh axes, in order of precedence (cf3d_jax.parallel). Default: batch over
   # data × fsdp, volumes split along depth on spatial, params/EMA/Adam FSDP-sharded on fsdp.
   # Axes that do not divide a dimension leave it unsplit.
-  c.mesh.rules = (("activation_batch", ("data", "fsdp")), ("activation_depth", "spatial"),
-                  ("conv_out", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"),
-                  ("conv_in", "fsdp"), ("embed", "fsdp"), ("text_embed", "fsdp"),
-                  ("norm", "fsdp"))
+  c.mesh.rules = parallel.DEFAULT_RULES
   return c
 
 
@@ -306,226 +302,6 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return module.get_config(arg)
 
 
-# ---- the allowed range of every key (validate checks them; docs/configs.md shows them) ------
-# A rule is (predicate on the value, what is expected). Cross-key conditions (lengths that must
-# match, divisibility) are checked in `validate` after every key is in its own range.
-Rule = tuple[Callable[[Any], bool], str]
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
-      and math.isfinite(float(v))
-
-
-def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-         hi_open: bool = False, integer: bool = False) -> Rule:
-  """A finite number (an int with `integer`) in the interval; None = unbounded on that side."""
-  def ok(v) -> bool:
-    if not (_is_int(v) if integer else _is_num(v)):
-      return False
-    return ((lo is None or (v > lo if lo_open else v >= lo))
-            and (hi is None or (v < hi if hi_open else v <= hi)))
-  kind = "an int" if integer else "a number"
-  fmt = (lambda x: f"{x:d}") if integer else (lambda x: f"{x:g}")
-  if lo is not None and hi is not None:
-    text = f"{kind} in {'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
-  elif lo is not None:
-    text = f"{kind} {'>' if lo_open else '>='} {fmt(lo)}"
-  elif hi is not None:
-    text = f"{kind} {'<' if hi_open else '<='} {fmt(hi)}"
-  else:
-    text = kind
-  return ok, text
-
-
-def _one_of(*values) -> Rule:
-  return (lambda v: v in values), "one of " + ", ".join(repr(x) for x in values)
-
-
-def _seq(rule: Rule, min_len: int = 0, length: int | None = None) -> Rule:
-  """A tuple whose every entry satisfies `rule` (and has `length` / at least `min_len` entries)."""
-  def ok(v) -> bool:
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
-      return False
-    n = len(v)
-    return (n == length if length is not None else n >= min_len) and all(rule[0](x) for x in v)
-  if length is not None:
-    count = f"{length} entries"
-  else:
-    count = "a tuple" if min_len == 0 else f"at least {min_len} entr{'y' if min_len == 1 else 'ies'}"
-  return ok, f"{count}, each {rule[1]}"
-
-
-_BOOL: Rule = (lambda v: isinstance(v, bool), "True or False")
-_TEXT: Rule = (lambda v: isinstance(v, str), "a string ('' where allowed)")
-_NONEMPTY_TEXT: Rule = (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string")
-_POS_INT = _num(1, integer=True)
-_NONNEG_INT = _num(0, integer=True)
-_POS = _num(0, lo_open=True)
-_NONNEG = _num(0)
-_FRACTION_OPEN = _num(0, 1, hi_open=True)
-
-RANGES: dict[str, Rule] = {
-    "seed": _num(0, 2 ** 31 - 1, integer=True),
-    "space.name": _one_of("wavelet", "latent"),
-    "space.lll_scale": _POS,
-    "space.autoencoder": _TEXT,
-    "space.latent_channels": _POS_INT,
-    "space.downsample": _POS_INT,
-    "space.scale_factor": _NONNEG,
-    "space.decode_splits": _POS_INT,
-    "space.encode_batch_size": _POS_INT,
-    "data.dataset": _one_of("ms", "adni"),
-    "data.source": _one_of("phantom", "manifest"),
-    "data.manifest": _TEXT,
-    "data.shape": _seq(_POS_INT, length=3),
-    "data.fov_mm": _POS,
-    "data.num_subjects": _POS_INT,
-    "data.class_fractions": _seq(_num(0, 1), min_len=1),
-    "data.split": _seq(_num(0, 1), length=3),
-    "data.class_weighting": _BOOL,
-    "data.records_per_shard": _POS_INT,
-    "data.num_workers": _NONNEG_INT,
-    "data.prefetch": _NONNEG_INT,
-    "data.read_threads": _POS_INT,
-    "data.prepare_workers": _num(-1, integer=True),
-    "data.max_scan_gb": _POS,
-    "data.augment.intensity_scale": _FRACTION_OPEN,
-    "data.augment.intensity_shift": _num(0, 1),
-    "data.augment.flip_axes": _seq(_one_of(0, 1, 2)),
-    "data.intensity_percentiles": _seq(_num(0, 100), length=2),
-    "data.phantom.deform_mm": _NONNEG,
-    "data.phantom.bias_strength": _FRACTION_OPEN,
-    "data.phantom.noise_std": _NONNEG,
-    "data.phantom.lesion_radius_mm": _seq(_POS, length=2),
-    "text.table": _NONEMPTY_TEXT,
-    "text.null_prob": _FRACTION_OPEN,
-    "text.paraphrases": _BOOL,
-    "model.name": _one_of("unet"),
-    "model.out_channels": _POS_INT,
-    "model.base_channels": _POS_INT,
-    "model.channel_mult": _seq(_POS_INT, min_len=1),
-    "model.num_res_blocks": _POS_INT,
-    "model.num_middle_blocks": _NONNEG_INT,
-    "model.attention_levels": _seq(_BOOL),
-    "model.middle_attention": _BOOL,
-    "model.cross_attention_levels": _seq(_BOOL),
-    "model.middle_cross_attention": _BOOL,
-    "model.head_channels": _POS_INT,
-    "model.dropout": _FRACTION_OPEN,
-    "model.dropout_levels": _seq(_BOOL),
-    "model.middle_dropout": _BOOL,
-    "model.num_groups": _POS_INT,
-    "model.resblock_updown": _BOOL,
-    "model.text_time_embedding": _BOOL,
-    "model.scale_shift_norm": _BOOL,
-    "model.conv_impl": _one_of("xla", "im2col"),
-    "model.dtype": _one_of("float32", "bfloat16"),
-    "model.param_dtype": _one_of("float32", "bfloat16"),
-    "model.remat_levels": _seq(_one_of("none", "dots", "full")),
-    "model.middle_remat": _one_of("none", "dots", "full"),
-    "autoencoder.channels": _seq(_POS_INT, min_len=1),
-    "autoencoder.num_res_blocks": _seq(_NONNEG_INT, min_len=1),
-    "autoencoder.latent_channels": _POS_INT,
-    "autoencoder.norm_num_groups": _POS_INT,
-    "autoencoder.remat": _BOOL,
-    "autoencoder.conv_impl": _one_of("xla", "im2col"),
-    "autoencoder.num_steps": _POS_INT,
-    "autoencoder.batch_size": _POS_INT,
-    "autoencoder.learning_rate": _POS,
-    "autoencoder.kl_weight": _NONNEG,
-    "autoencoder.perceptual_weight": _NONNEG,
-    "autoencoder.perceptual_network": _TEXT,
-    "autoencoder.adversarial_weight": _NONNEG,
-    "autoencoder.adversarial_warmup_steps": _NONNEG_INT,
-    "autoencoder.disc_channels": _POS_INT,
-    "autoencoder.disc_layers": _POS_INT,
-    "autoencoder.patch_shape": _seq(_POS_INT),
-    "autoencoder.ema_decay": _FRACTION_OPEN,
-    "autoencoder.log_every": _POS_INT,
-    "autoencoder.checkpoint_every": _POS_INT,
-    "autoencoder.max_to_keep": _POS_INT,
-    "autoencoder.eval_batches": _NONNEG_INT,
-    "autoencoder.eval_shape": _seq(_POS_INT),
-    "objective.name": _one_of("ddpm", "rflow"),
-    "objective.num_train_steps": _POS_INT,
-    "objective.num_sample_steps": _NONNEG_INT,
-    "objective.sampler": _one_of("default", "ddim", "ancestral", "euler", "heun"),
-    "objective.loss": _one_of("default", "mse", "l1"),
-    "objective.preconditioning": _one_of("none", "skip"),
-    "objective.sigma_data": _POS,
-    "objective.loss_weighting": _one_of("none", "edm", "min_snr"),
-    "objective.sigma_data_channels": _seq(_POS),
-    "objective.snr_range": _seq(_NONNEG, length=2),
-    "objective.beta_schedule": _one_of("linear", "scaled_linear"),
-    "objective.beta_start": _num(0, 1, lo_open=True, hi_open=True),
-    "objective.beta_end": _num(0, 1, lo_open=True, hi_open=True),
-    "objective.prediction": _one_of("x0", "eps", "v"),
-    "objective.eta": _num(0, 1),
-    "objective.timestep_spacing": _one_of("leading", "trailing", "linspace"),
-    "objective.ancestral_variance": _one_of("fixed_small", "fixed_large"),
-    "objective.time_sampling": _one_of("uniform", "logit-normal"),
-    "objective.logit_normal": _seq(_num(), length=2),
-    "objective.time_shift": _BOOL,
-    "objective.shift_base_numel": _POS_INT,
-    "objective.shift_scale": _POS,
-    "train.num_steps": _POS_INT,
-    "train.batch_size": _POS_INT,
-    "train.learning_rate": _NONNEG,
-    "train.warmup_steps": _NONNEG_INT,
-    "train.lr_schedule": _one_of("constant", "cosine"),
-    "train.lr_decay_steps": _NONNEG_INT,
-    "train.final_lr_fraction": _num(0, 1),
-    "train.weight_decay": _NONNEG,
-    "train.grad_clip_norm": _NONNEG,
-    "train.ema_decay": _FRACTION_OPEN,
-    "train.log_every": _POS_INT,
-    "train.checkpoint_every": _POS_INT,
-    "train.max_to_keep": _POS_INT,
-    "train.init_from": _TEXT,
-    "train.allow_config_change": _seq(_NONEMPTY_TEXT),
-    "sample.prompts": _seq(_NONEMPTY_TEXT, min_len=1),
-    "sample.guidance_scales": _seq(_NONNEG, min_len=1),
-    "sample.guidance_interval": _seq(_num(0, 1), length=2),
-    "sample.guidance_negative": _one_of("null", "factual"),
-    "sample.num_subjects": _POS_INT,
-    "sample.batch_size": _POS_INT,
-    "sample.use_ema": _BOOL,
-    "sample.checkpoint_step": _num(-1, integer=True),
-    "sample.source": _TEXT,
-    "sample.source_prompts": _seq(_NONEMPTY_TEXT),
-    "sample.inversion_refine": _NONNEG_INT,
-    "sample.inversion_depth": _num(0, 1, lo_open=True),
-    "sample.edit_mask": _TEXT,
-    "eval.lesion_threshold": _num(-1, 1),
-    "eval.num_per_prompt": _POS_INT,
-    "eval.guidance_scales": _seq(_NONNEG, min_len=1),
-    "eval.batch_size": _POS_INT,
-    "eval.real_split": _one_of("train", "val", "test"),
-    "eval.ms_ssim_kernel": _POS_INT,
-    "eval.ms_ssim_scales": _POS_INT,
-    "eval.diversity_pairs": _NONNEG_INT,
-    "eval.med3d": _TEXT,
-    "eval.classifier": _TEXT,
-    "classifier.num_steps": _POS_INT,
-    "classifier.batch_size": _POS_INT,
-    "classifier.learning_rate": _POS,
-    "classifier.weight_decay": _NONNEG,
-    "classifier.dropout": _FRACTION_OPEN,
-    "classifier.eval_every": _POS_INT,
-    "classifier.block_config": _seq(_POS_INT, min_len=1),
-    "mesh.shape": ((lambda v: _seq(_num(-1, integer=True), length=3)[0](v) and 0 not in tuple(v)
-                    and tuple(v).count(-1) <= 1),
-                   "3 ints (data, fsdp, spatial), each >= 1 or one of them -1"),
-    "mesh.rules": (lambda v: not isinstance(v, str) and hasattr(v, "__len__"),
-                   "pairs (logical axis, mesh axes); checked by cf3d_jax.parallel"),
-}
-
-
 def _check(cond: bool, key: str, value, expected: str) -> None:
   if not cond:
     raise ConfigError(f"config.{key}={value!r}: expected {expected}")
@@ -533,28 +309,10 @@ def _check(cond: bool, key: str, value, expected: str) -> None:
 
 def _has_key(c: ml_collections.ConfigDict, dotted: str) -> bool:
   try:
-    _get(c, dotted)
+    get_key(c, dotted)
   except (KeyError, AttributeError, TypeError):
     return False
   return True
-
-
-def check_ranges(c: ml_collections.ConfigDict) -> None:
-  """Every key of `c` that `RANGES` knows in its range; ConfigError naming each key outside it."""
-  problems = []
-  for key, (ok, expected) in RANGES.items():
-    try:
-      value = _get(c, key)
-    except (KeyError, AttributeError):
-      continue                                 # a config built without this section
-    try:
-      good = bool(ok(value))
-    except (TypeError, ValueError):
-      good = False
-    if not good:
-      problems.append(f"config.{key}={value!r}: expected {expected}")
-  if problems:
-    raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
 
 
 # Modes that build the diffusion U-Net on config.data.shape (others, e.g. the autoencoder's
@@ -565,8 +323,8 @@ DIFFUSION_MODES = ("train", "sample", "all", "evaluate")
 def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
   """Raises ConfigError naming the key for values outside what the code supports.
 
-  One pass before any mode writes anything: every key in its range (`RANGES`, shown in
-  docs/configs.md), then the conditions between keys (manifest given with its source, list
+  One pass before any mode writes anything: every key in its range (`config_ranges.RANGES`,
+  shown in docs/configs.md), then the conditions between keys (manifest given with its source, list
   lengths per U-Net level, the objective buildable from its keys) and, for a `mode` among
   DIFFUSION_MODES, data.shape divisible by what the space and the U-Net need.
   """
@@ -645,7 +403,7 @@ def _check_unet_grid(c: ml_collections.ConfigDict) -> None:
 # ---- config.autoencoder (--mode=train_autoencoder); checks against config.data.shape run in
 # ---- autoencoder_train.check_config, so other modes never fail on the autoencoder's patch size.
 def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
-  """The `config.autoencoder` keys between themselves (ranges: `RANGES`)."""
+  """The `config.autoencoder` keys between themselves (ranges: `config_ranges.RANGES`)."""
   if "autoencoder" not in c:
     return
   a = c.autoencoder
@@ -660,234 +418,3 @@ def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
     _check(not shape or (len(shape) == 3 and all(int(s) % factor == 0 for s in shape)),
            f"autoencoder.{key}", shape,
            f"() or three positive sides divisible by {factor} = 2**(len(autoencoder.channels) - 1)")
-
-
-# ---- the configs reference (docs/configs.md), generated from this file ------------------------
-# `python -m cf3d_jax.config_base --write docs/configs.md`; tests/test_docs.py checks it is current.
-
-# Meanings of keys whose line in `base_config` has no comment yet. Prefer a trailing comment on
-# the key's line: `reference_markdown` then raises until the entry here is deleted, so each key
-# has exactly one meaning, and a key with neither is an error.
-_MEANINGS_WITHOUT_COMMENT = {
-    "model.name": "the denoiser: 'unet' (the only one; recorded, not read by the code)",
-    "model.base_channels": "channels of the first U-Net level (× channel_mult per level)",
-    "model.num_res_blocks": "residual blocks per level in the encoder (decoder: this + 1)",
-    "model.middle_attention": "self-attention in the middle (bottleneck) blocks",
-    "model.head_channels": "channels per attention head (self- and cross-attention)",
-    "model.middle_cross_attention": "text cross-attention in the middle blocks",
-    "model.middle_dropout": "dropout (model.dropout) in the middle blocks",
-    "model.num_groups": "GroupNorm groups (must divide every width)",
-    "model.resblock_updown": "down/up-sample inside a residual block (wdm-3d); False = a "
-                             "stride-2 conv down, an upsampling conv layer up",
-    "objective.beta_start": "DDPM: first beta of the schedule",
-    "objective.beta_end": "DDPM: last beta of the schedule",
-    "objective.shift_scale": "rflow: multiplies the resolution-shift ratio r",
-    "train.num_steps": "optimisation steps (the run stops here; resumes continue to it)",
-    "train.learning_rate": "AdamW learning rate after warmup (held, or the start of the cosine decay: train.lr_schedule)",
-    "train.warmup_steps": "linear warmup from 0 to learning_rate over this many steps",
-    "train.weight_decay": "AdamW decoupled weight decay",
-    "train.ema_decay": "EMA of the params: ema ← d·ema + (1 − d)·params each step",
-    "train.log_every": "steps between logged train metrics",
-    "train.checkpoint_every": "steps between orbax checkpoints",
-    "train.max_to_keep": "checkpoints kept",
-    "sample.use_ema": "sample with the EMA params (False = the raw params)",
-    "classifier.num_steps": "optimisation steps",
-    "classifier.batch_size": "volumes per step",
-    "classifier.learning_rate": "AdamW learning rate",
-    "classifier.weight_decay": "AdamW weight decay",
-    "classifier.dropout": "channel dropout (Dropout3d) rate in each dense layer",
-}
-
-
-def _comment_lines(source: str) -> tuple[dict[int, tuple[int, str]], set[int]]:
-  """({line: (column, text)} of every comment, the lines holding only a comment)."""
-  import io
-  import tokenize
-  comments, code_lines = {}, set()
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
-    elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-                          tokenize.ENDMARKER):
-      code_lines.update(range(tok.start[0], tok.end[0] + 1))
-  return comments, set(comments) - code_lines
-
-
-def _assigned_keys() -> list[tuple[str, bool, str]]:
-  """(dotted key, is a section, meaning or '') for each `c.<key> = …` of `base_config`, in
-  source order. The meaning is the trailing comment on the statement's lines (continued by
-  comment-only lines aligned under it), else the comment block directly above the statement."""
-  import ast
-  import inspect
-  import textwrap
-  source = textwrap.dedent(inspect.getsource(base_config))
-  comments, alone = _comment_lines(source)
-  out = []
-  for node in ast.walk(ast.parse(source)):
-    if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
-      continue
-    parts, target = [], node.targets[0]
-    while isinstance(target, ast.Attribute):
-      parts.append(target.attr)
-      target = target.value
-    if not (isinstance(target, ast.Name) and target.id == "c" and parts):
-      continue
-    key = ".".join(reversed(parts))
-    section = isinstance(node.value, ast.Call) and ast.unparse(node.value.func).endswith(
-        "ConfigDict")
-    trailing = [ln for ln in range(node.lineno, node.end_lineno + 1)
-                if ln in comments and ln not in alone]
-    if trailing:
-      column, text = comments[trailing[0]]
-      words, ln = [text], node.end_lineno + 1
-      while ln in alone and comments[ln][0] == column:
-        words.append(comments[ln][1])
-        ln += 1
-    else:
-      words, ln = [], node.lineno - 1
-      while ln in alone:
-        words.insert(0, comments[ln][1])
-        ln -= 1
-    out.append((node.lineno, key, section, " ".join(words)))
-  return [(key, section, meaning) for _, key, section, meaning in sorted(out)]
-
-
-def _config_modules(configs_dir: str) -> list[tuple[str, str, tuple[str, ...]]]:
-  """(file name, first docstring paragraph, variants) of each `configs/*.py`. Variants: the
-  module's `VARIANTS` tuple, else the quoted names after 'Variants' in its docstring."""
-  import ast
-  import re
-  rows = []
-  for name in sorted(os.listdir(configs_dir)):
-    if not name.endswith(".py") or name.startswith("_"):
-      continue
-    with open(os.path.join(configs_dir, name), encoding="utf-8") as f:
-      tree = ast.parse(f.read())
-    doc = ast.get_docstring(tree) or ""
-    if not doc:
-      raise ConfigError(f"configs/{name}: no module docstring (the configs reference needs one)")
-    variants = None
-    for node in tree.body:
-      if (isinstance(node, ast.Assign) and len(node.targets) == 1
-          and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "VARIANTS"):
-        variants = tuple(ast.literal_eval(node.value))
-    if variants is None:
-      after = doc.split("Variants", 1)[1] if "Variants" in doc else ""
-      variants = tuple(dict.fromkeys(re.findall(r"'([A-Za-z0-9_]+)'", after)))
-    summary = " ".join(doc.split("\n\n", 1)[0].split())
-    rows.append((name, summary, variants))
-  return rows
-
-
-def _cell(text: str) -> str:
-  """Text for a Markdown table cell (pipes escaped)."""
-  return text.replace("|", "\\|")
-
-
-def reference_markdown() -> str:
-  """docs/configs.md: every key of `base_config` with its default and meaning, read from this
-  file's source, and the shipped configs with their variants. ConfigError for a key without a
-  meaning (so every key stays documented)."""
-  c = base_config()
-  assigned = _assigned_keys()
-  leaves = {".".join(k) for k in _leaf_paths(c)}
-  found = {key for key, section, _ in assigned if not section}
-  if leaves != found:
-    raise ConfigError(f"config_base.base_config: keys not set as `c.<key> = value  # meaning`: "
-                      f"{sorted(leaves ^ found)}")
-  problems, tables, intros = [], {"": []}, {"": "Keys at the top of the config."}
-  for key, section, meaning in assigned:
-    if section:
-      tables[key], intros[key] = [], meaning
-      continue
-    extra = _MEANINGS_WITHOUT_COMMENT.get(key)
-    if meaning and extra:
-      problems.append(f"{key} has a comment in base_config now; delete its entry from "
-                      "_MEANINGS_WITHOUT_COMMENT")
-    meaning = meaning or extra
-    if not meaning:
-      problems.append(f"{key} has no trailing comment in base_config")
-    if key not in RANGES:
-      problems.append(f"{key} has no rule in config_base.RANGES")
-    allowed = RANGES[key][1] if key in RANGES else ""
-    parent = key.rpartition(".")[0]
-    tables[parent].append(f"| `{key}` | `{_cell(repr(_get(c, key)))}` "
-                          f"| {_cell(meaning or '')} | {_cell(allowed)} |")
-  stale = sorted(set(_MEANINGS_WITHOUT_COMMENT) - found)
-  stale_ranges = sorted(set(RANGES) - found)
-  if stale_ranges:
-    problems.append(f"RANGES names keys that base_config lacks: {stale_ranges}")
-  if stale:
-    problems.append(f"_MEANINGS_WITHOUT_COMMENT names keys that base_config lacks: {stale}")
-  if problems:
-    raise ConfigError("config_base: " + "; ".join(problems))
-  configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "configs")
-  lines = [
-      "# Configs",
-      "",
-      "<!-- Generated by `python -m cf3d_jax.config_base --write docs/configs.md` from",
-      "     cf3d_jax/config_base.py and configs/*.py; edit those, then regenerate. -->",
-      "",
-      "Every config is an `ml_collections.ConfigDict` built in Python. `configs/*.py` each define",
-      "`get_config(arg=None)`, which starts from `cf3d_jax.config_base.base_config()` (the keys",
-      "below, with their defaults) and overrides a few; `arg` picks variants "
-      "(`--config=configs/demo.py:smoke`,",
-      "comma-separated where a file allows several). On the command line any key can be "
-      "overridden",
-      "with `--config.<key>=value` (`--config.train.num_steps=100`, "
-      "`--config.mesh.shape=2,1,1`).",
-      "The CLI locks the config, so a misspelt key is an error naming it rather than a new key;",
-      "`config_base.validate` then checks, before a mode writes anything, every key against",
-      "its *allowed* range below (and the conditions between keys) and raises one `ConfigError`",
-      "naming each key outside it (docs/reliability.md). Notebooks and tests load a file by path with",
-      "`config_base.load_config_file(path, arg)` (unlocked). Objective presets "
-      "(`apply_objective_preset`:",
-      f"{', '.join(f'`{p}`' for p in OBJECTIVE_PRESETS)}) and datasets (`apply_dataset`: "
-      f"{', '.join(f'`{d}`' for d in DATASET_DEFAULTS)})",
-      "set several keys at once.",
-      "",
-      "## Shipped configs",
-      "",
-      "| config | what | variants (`--config=FILE:VARIANT`) |",
-      "| --- | --- | --- |",
-  ]
-  for name, summary, variants in _config_modules(configs_dir):
-    shown = ", ".join(f"`{v}`" for v in variants) or "none"
-    lines.append(f"| [`configs/{name}`](../configs/{name}) | {_cell(summary)} | {shown} |")
-  for section, rows in tables.items():
-    if not rows:
-      continue
-    lines += ["", f"## config.{section}" if section else "## config (top level)", ""]
-    if intros[section]:
-      lines += [intros[section], ""]
-    lines += ["| key | default | meaning | allowed |", "| --- | --- | --- | --- |"] + rows
-  return "\n".join(lines) + "\n"
-
-
-def _leaf_paths(c: ml_collections.ConfigDict, prefix: tuple[str, ...] = ()):
-  """Dotted paths (as tuples) of every non-ConfigDict value of `c`."""
-  for key, value in c.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _leaf_paths(value, prefix + (key,))
-    else:
-      yield prefix + (key,)
-
-
-def _get(c: ml_collections.ConfigDict, dotted: str):
-  for part in dotted.split("."):
-    c = c[part]
-  return c
-
-
-if __name__ == "__main__":
-  import argparse
-  parser = argparse.ArgumentParser(description="Prints the configs reference (docs/configs.md).")
-  parser.add_argument("--write", metavar="PATH", help="write it to PATH (atomically) instead")
-  args = parser.parse_args()
-  text = reference_markdown()
-  if args.write:
-    from cf3d_jax.files import write_text
-    write_text(args.write, text)
-  else:
-    print(text, end="")

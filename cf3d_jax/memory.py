@@ -42,10 +42,8 @@ PAPER_CONFIGS = {
 RULE_SETS = {
     "default": None,
     "spatial_hw": (("activation_batch", "data"), ("activation_depth", "spatial"),
-                   ("activation_height", "fsdp"),
-                   ("conv_out", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"),
-                   ("conv_in", "fsdp"), ("embed", "fsdp"), ("text_embed", "fsdp"),
-                   ("norm", "fsdp")),
+                   ("activation_height", "fsdp"))
+                  + tuple(r for r in parallel.DEFAULT_RULES if not r[0].startswith("activation")),
 }
 
 

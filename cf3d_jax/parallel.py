@@ -42,7 +42,7 @@ VOLUME_AXES = ("activation_batch", "activation_depth", "activation_height",
 
 Rules = tuple[tuple[str, Any], ...]
 
-DEFAULT_RULES: Rules = (   # = config_base's default config.mesh.rules
+DEFAULT_RULES: Rules = (   # config_base's default config.mesh.rules (the one definition)
     ("activation_batch", ("data", "fsdp")),
     ("activation_depth", "spatial"),
     ("conv_out", "fsdp"), ("mlp", "fsdp"), ("heads", "fsdp"),

@@ -169,10 +169,14 @@ def check_finite(finite: jax.Array, metrics: dict[str, jax.Array], step: int,
                   "config.train.grad_clip_norm")
 
 
-def make_train_step(model, tx, objective, space, config, mesh, state_sh: State,
-                    batch_sh: dict[str, Any], interleaved_hosts: int = 1):
+def make_train_step(model, tx, objective, space, config, mesh=None,
+                    state_sh: State | None = None, batch_sh: dict[str, Any] | None = None,
+                    interleaved_hosts: int = 1):
   """`train_step` jitted on `mesh`: state in and out with `state_sh` (donated), batch with
   `batch_sh`, metrics replicated. Call it inside `parallel.activation_context`.
+
+  mesh=None: jitted for the default device with the state donated and no shardings (the
+  benchmark times one chip this way).
 
   interleaved_hosts=n > 1: the batch arrives as n per-host blocks of the element-interleaved
   global stream (host p holds elements p, p + n, …; `pipeline.make_train_dataset`); its rows
@@ -180,10 +184,9 @@ def make_train_step(model, tx, objective, space, config, mesh, state_sh: State,
   a one-process run.
   """
   rules = parallel.rules_from_config(config.mesh)
-  rep = parallel.replicated(mesh)
   step = functools.partial(train_step, model=model, tx=tx, objective=objective,
-                           space=placed(space, mesh, rules), ema_decay=config.train.ema_decay,
-                           mesh=mesh, rules=rules)
+                           space=space if mesh is None else placed(space, mesh, rules),
+                           ema_decay=config.train.ema_decay, mesh=mesh, rules=rules)
 
   def run(state, batch, key):
     if interleaved_hosts > 1:
@@ -192,6 +195,9 @@ def make_train_step(model, tx, objective, space, config, mesh, state_sh: State,
                for k, v in batch.items()}
     return step(state, batch, key)
 
+  if mesh is None:
+    return jax.jit(run, donate_argnums=0)
+  rep = parallel.replicated(mesh)
   return jax.jit(run, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                  donate_argnums=0)
 

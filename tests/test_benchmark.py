@@ -166,3 +166,14 @@ def test_conv_rows_follow_the_space(name):
     assert r["size"] == [s // 2 ** r["level"] for s in top]
     assert r["channels"] == config.model.base_channels * mult
     _positive(r, [f"jax_{impl}_ms" for impl in layers.CONV_IMPLS])
+
+
+def test_conv_impl_override_leaves_the_config_unchanged():
+  """bench_train times each conv formulation on a copy: the caller's config is never mutated."""
+  from cf3d_jax import benchmark
+  config = load_config("demo.py")
+  config.lock()
+  before = config.to_json()
+  other = next(i for i in ("xla", "im2col") if i != config.model.conv_impl)
+  copy = benchmark.with_conv_impl(config, other)
+  assert copy.model.conv_impl == other and config.to_json() == before

@@ -1,5 +1,6 @@
-"""The docs cannot drift: docs/configs.md is generated from cf3d_jax/config_base.py, and every
-relative link in README.md and docs/*.md reaches an existing file (and heading)."""
+"""The docs cannot drift: docs/configs.md is generated from cf3d_jax/config_base.py (by
+cf3d_jax/config_reference.py), and every relative link in README.md and docs/*.md reaches an
+existing file (and heading)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import re
 
 import pytest
 
-from cf3d_jax import config_base
+from cf3d_jax import config_base, config_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_MD = os.path.join(ROOT, "docs", "configs.md")
-REGENERATE = "python -m cf3d_jax.config_base --write docs/configs.md"
+REGENERATE = "python -m cf3d_jax.config_reference --write docs/configs.md"
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -75,7 +76,7 @@ def _links(path: str) -> list[str]:
 
 
 def test_configs_reference_is_current():
-  expected = config_base.reference_markdown()
+  expected = config_reference.reference_markdown()
   with open(CONFIGS_MD, encoding="utf-8") as f:
     actual = f.read()
   assert actual == expected, f"docs/configs.md is stale: regenerate with `{REGENERATE}`"
@@ -84,7 +85,7 @@ def test_configs_reference_is_current():
 def test_configs_reference_names_every_key():
   with open(CONFIGS_MD, encoding="utf-8") as f:
     text = f.read()
-  missing = [".".join(k) for k in config_base._leaf_paths(config_base.base_config())
+  missing = [".".join(k) for k in config_reference.leaf_paths(config_base.base_config())
              if f"`{'.'.join(k)}`" not in text]
   assert not missing, f"docs/configs.md lacks {missing}: regenerate with `{REGENERATE}`"
 

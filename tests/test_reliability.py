@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from cf3d_jax import config_base
+from cf3d_jax import config_base, config_ranges, config_reference
 from cf3d_jax.errors import ConfigError, DataError
 from conftest import load_config, run_cli
 import pool_workers
@@ -37,10 +37,10 @@ def test_value_out_of_range_is_a_config_error_naming_the_key(key, value):
 
 def test_every_key_has_a_range_and_the_reference_shows_it():
   c = config_base.base_config()
-  leaves = {".".join(k) for k in config_base._leaf_paths(c)}
-  assert leaves == set(config_base.RANGES)
+  leaves = {".".join(k) for k in config_reference.leaf_paths(c)}
+  assert leaves == set(config_ranges.RANGES)
   assert "| `train.max_to_keep` | `3` | checkpoints kept | an int >= 1 |" in \
-      config_base.reference_markdown()
+      config_reference.reference_markdown()
 
 
 def test_all_problems_are_listed_at_once():

@@ -13,7 +13,9 @@ OUT as a folder, atomically (built under a temporary name, renamed when complete
 `.safetensors`; importing this package imports neither.
 
 Adding a converter: write `cf3d_jax/convert/<name>.py` defining `CONVERTER = Converter(...)`
-and add one line to `CONVERTERS`.
+and add one line to `CONVERTERS`. Each module also holds its state-dict mapping
+(`medicalnet.convert_medicalnet_state_dict`, …); `monai_densenet` (MONAI DenseNet-121 → the
+classifier's variables) is used in-process and has no CLI entry.
 """
 
 from __future__ import annotations

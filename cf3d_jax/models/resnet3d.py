@@ -27,27 +27,23 @@ Input `[N, D, H, W, 1]`, the spatial axes in the order of torch's `[N, 1, D, H, 
 Flax names mirror the torch state dict with `.k` → `_k` (`layer1.0.conv1` → `layer1_0/conv1`,
 `layer2.0.downsample.0` → `layer2_0/downsample_0`); conv kernels `[kD, kH, kW, C_in, C_out]`
 (torch `[C_out, C_in, kD, kH, kW]`), BN `scale`/`bias` in params, `mean`/`var` in batch_stats.
-`convert_medicalnet_state_dict` maps a MedicalNet checkpoint onto these variables.
+`cf3d_jax.convert.medicalnet` maps a MedicalNet checkpoint onto these variables.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.errors import ConfigError
 from cf3d_jax.models.layers import CONV_AXES, NORM_AXES
 
-__all__ = ['DEPTHS', 'MEDICALNET_SHORTCUT', 'ResNet3DConfigError', 'MedicalNetCheckpointError',
-           'MedicalNetResNet', 'build_resnet3d', 'abstract_variables',
-           'convert_medicalnet_state_dict', 'feature_dim']
+__all__ = ['DEPTHS', 'MEDICALNET_SHORTCUT', 'ResNet3DConfigError', 'MedicalNetResNet',
+           'build_resnet3d', 'abstract_variables', 'feature_dim', 'resolve_shortcut']
 
 Array = jax.Array
 Dtype = Any
@@ -76,17 +72,13 @@ class ResNet3DConfigError(ConfigError, ValueError):
   """An invalid ResNet setting or input shape (a `ConfigError` and a `ValueError`)."""
 
 
-class MedicalNetCheckpointError(DataError, ValueError):
-  """A MedicalNet state dict with missing, unexpected or mis-shaped entries."""
-
-
 def _check_depth(depth: int) -> tuple[str, tuple[int, ...]]:
   if depth not in DEPTHS:
     raise ResNet3DConfigError(f'MedicalNet ResNet depth {depth!r} is not one of {sorted(DEPTHS)}.')
   return DEPTHS[depth]
 
 
-def _resolve_shortcut(depth: int, shortcut_type: str | None) -> str:
+def resolve_shortcut(depth: int, shortcut_type: str | None) -> str:
   """`shortcut_type`, or MedicalNet's released one for `depth` when None."""
   _check_depth(depth)
   shortcut = MEDICALNET_SHORTCUT[depth] if shortcut_type is None else shortcut_type
@@ -177,7 +169,7 @@ class MedicalNetResNet(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, pooled: bool = True) -> Array:
     block, counts = _check_depth(self.depth)
-    shortcut = _resolve_shortcut(self.depth, self.shortcut_type)
+    shortcut = resolve_shortcut(self.depth, self.shortcut_type)
     if x.ndim != 5 or x.shape[-1] != 1:
       raise ResNet3DConfigError('MedicalNet ResNet input must be single-channel volumes '
                                 f'[N, D, H, W, 1], got shape {x.shape}.')
@@ -202,7 +194,7 @@ class MedicalNetResNet(nn.Module):
 def build_resnet3d(depth: int = 50, shortcut_type: str | None = None,
                    dtype: Dtype = jnp.float32) -> MedicalNetResNet:
   """A MedicalNet ResNet of `depth` (10, 18, 34, 50, 101, 152, 200); validates the settings."""
-  _resolve_shortcut(depth, shortcut_type)
+  resolve_shortcut(depth, shortcut_type)
   return MedicalNetResNet(depth=depth, shortcut_type=shortcut_type, dtype=dtype)
 
 
@@ -212,93 +204,3 @@ def abstract_variables(model: MedicalNetResNet,
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   return nn.meta.unbox(variables)
-
-
-def _torch_module(flax_name: str) -> str:
-  """`layer1_0` → `layer1.0`, `downsample_1` → `downsample.1` (flax → torch module names)."""
-  return re.sub(r'_(\d+)$', r'.\1', flax_name)
-
-
-# (flax collection, flax leaf) → torch leaf.
-_LEAVES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
-           ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
-           ('batch_stats', 'var'): 'running_var'}
-_IGNORED_SUFFIXES = ('.num_batches_tracked',)
-_IGNORED_PREFIXES = ('conv_seg.',)
-
-
-def _expected_torch_keys(
-    depth: int, shortcut_type: str | None) -> dict[str, tuple[str, tuple[str, ...], tuple]]:
-  """torch key → (flax collection, flax path, torch shape) for the extractor's variables."""
-  model = MedicalNetResNet(depth=depth, shortcut_type=shortcut_type)
-  expected = {}
-  for collection, tree in abstract_variables(model).items():
-    for path, leaf in traverse_util.flatten_dict(tree).items():
-      shape = tuple(leaf.shape)
-      if path[-1] == 'kernel':  # [kD, kH, kW, I, O] → torch [O, I, kD, kH, kW]
-        shape = (shape[4], shape[3]) + shape[:3]
-      key = '.'.join([_torch_module(p) for p in path[:-1]] + [_LEAVES[collection, path[-1]]])
-      expected[key] = (collection, path, shape)
-  return expected
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-  """Up to `limit` keys, then the number left out."""
-  shown = ', '.join(keys[:limit])
-  return shown + (f', … ({len(keys) - limit} more)' if len(keys) > limit else '')
-
-
-def convert_medicalnet_state_dict(state_dict: Mapping[str, Any], depth: int,
-                                  shortcut_type: str | None = None) -> dict[str, Any]:
-  """MedicalNet PyTorch state dict → flax variables `{'params': …, 'batch_stats': …}`.
-
-  Args:
-    state_dict: torch key → array (NumPy, or anything `np.asarray` accepts), e.g.
-      `{k: v.numpy() for k, v in torch.load(path)['state_dict'].items()}`. A leading
-      `module.` (from `nn.DataParallel`, as in MedicalNet's released files) is stripped.
-      `*.num_batches_tracked` and the segmentation head `conv_seg.*` are ignored.
-    depth: 10, 18, 34, 50, 101, 152 or 200.
-    shortcut_type: 'A', 'B' or None (MedicalNet's released setting for `depth`).
-
-  Returns:
-    Nested dicts of float32 `jax.Array`s for `MedicalNetResNet(depth, shortcut_type).apply`.
-
-  Raises:
-    MedicalNetCheckpointError: keys missing, unexpected or duplicated, or a shape mismatch;
-      the message lists the keys and, for shortcut keys, suggests the other shortcut type.
-  """
-  shortcut = _resolve_shortcut(depth, shortcut_type)
-  expected = _expected_torch_keys(depth, shortcut)
-  found: dict[str, Any] = {}
-  for raw_key, value in state_dict.items():
-    key = raw_key[len('module.'):] if raw_key.startswith('module.') else raw_key
-    if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
-      continue
-    if key in found:
-      raise MedicalNetCheckpointError(f'MedicalNet state dict holds {key!r} twice (with and '
-                                      "without the 'module.' prefix).")
-    found[key] = value
-  missing = sorted(set(expected) - set(found))
-  unexpected = sorted(set(found) - set(expected))
-  if missing or unexpected:
-    parts = [f'MedicalNet state dict does not match resnet{depth} with shortcut '
-             f'{shortcut!r}:']
-    if missing:
-      parts.append(f'{len(missing)} missing keys ({_listing(missing)})')
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected keys ({_listing(unexpected)})')
-    if any('.downsample.' in k for k in missing + unexpected):
-      other = 'A' if shortcut == 'B' else 'B'
-      parts.append(f'(the downsample keys suggest shortcut_type={other!r})')
-    raise MedicalNetCheckpointError(' '.join(parts))
-  flat: dict[str, dict[tuple[str, ...], Array]] = {'params': {}, 'batch_stats': {}}
-  for key, (collection, path, torch_shape) in expected.items():
-    value = np.asarray(found[key], np.float32)
-    if value.shape != torch_shape:
-      raise MedicalNetCheckpointError(f'MedicalNet state dict entry {key!r} has shape '
-                                      f'{value.shape}, expected {torch_shape} for '
-                                      f'resnet{depth}.')
-    if path[-1] == 'kernel':
-      value = np.transpose(value, (2, 3, 4, 1, 0))
-    flat[collection][path] = jnp.asarray(value)
-  return {c: traverse_util.unflatten_dict(tree) for c, tree in flat.items()}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.convert import monai_densenet
 from cf3d_jax.models import densenet3d, layers
 
 torch = pytest.importorskip('torch')
@@ -83,7 +84,7 @@ def state_dict(monai_model):
 
 @pytest.fixture(scope='module')
 def variables(state_dict):
-  return densenet3d.convert_monai_densenet_state_dict(state_dict, NUM_CLASSES)
+  return monai_densenet.convert_monai_densenet_state_dict(state_dict, NUM_CLASSES)
 
 
 def test_parameter_count_equals_monai():
@@ -273,7 +274,7 @@ def test_bad_settings_and_inputs():
 
 def test_converter_accepts_prefixes_and_tensors(state_dict, variables):
   sd = {'module.' + k: torch.from_numpy(v) for k, v in state_dict.items()}
-  converted = densenet3d.convert_monai_densenet_state_dict(sd, NUM_CLASSES)
+  converted = monai_densenet.convert_monai_densenet_state_dict(sd, NUM_CLASSES)
   assert jax.tree_util.tree_structure(converted) == jax.tree_util.tree_structure(variables)
   np.testing.assert_array_equal(
       np.asarray(converted['params']['denseblock3']['denselayer24']['conv2']['kernel']),
@@ -286,10 +287,10 @@ def test_converter_accepts_prefixes_and_tensors(state_dict, variables):
 
 
 def test_converter_errors_name_the_keys(state_dict):
-  convert = densenet3d.convert_monai_densenet_state_dict
+  convert = monai_densenet.convert_monai_densenet_state_dict
   sd = dict(state_dict)
   del sd['features.denseblock4.denselayer16.layers.norm2.running_mean']
-  with pytest.raises(densenet3d.MonaiDenseNetCheckpointError,
+  with pytest.raises(monai_densenet.MonaiDenseNetCheckpointError,
                      match=r'1 missing keys \(features\.denseblock4\.denselayer16\.layers'
                            r'\.norm2\.running_mean\)'):
     convert(sd, NUM_CLASSES)
@@ -299,7 +300,7 @@ def test_converter_errors_name_the_keys(state_dict):
     convert(sd, NUM_CLASSES)
 
   sd = {k.replace('.layers.', '.'): v for k, v in state_dict.items()}  # torchvision-style names
-  with pytest.raises(densenet3d.MonaiDenseNetCheckpointError,
+  with pytest.raises(monai_densenet.MonaiDenseNetCheckpointError,
                      match=r'580 missing keys .* 580 unexpected keys'):
     convert(sd, NUM_CLASSES)
 
@@ -315,10 +316,10 @@ def test_converter_errors_name_the_keys(state_dict):
 
   sd = dict(state_dict)
   sd['features.transition1.conv.weight'] = np.zeros((128, 256, 1, 1), np.float32)
-  with pytest.raises(densenet3d.MonaiDenseNetCheckpointError,
+  with pytest.raises(monai_densenet.MonaiDenseNetCheckpointError,
                      match=r'expected \(128, 256, 1, 1, 1\)'):
     convert(sd, NUM_CLASSES)
 
   sd = dict(state_dict, **{'module.features.conv0.weight': state_dict['features.conv0.weight']})
-  with pytest.raises(densenet3d.MonaiDenseNetCheckpointError, match='twice'):
+  with pytest.raises(monai_densenet.MonaiDenseNetCheckpointError, match='twice'):
     convert(sd, NUM_CLASSES)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cf3d_jax.errors import DataError
+from cf3d_jax.convert import medicalnet
 from cf3d_jax.models import resnet3d
 
 X_SHAPE = (2, 32, 32, 32, 1)  # [N, D, H, W, 1]
@@ -151,7 +152,7 @@ def test_features_match_torch_medicalnet(depth, shortcut):
   with torch.no_grad():
     want = ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy()
 
-  variables = resnet3d.convert_medicalnet_state_dict(_state_dict(ref), depth, shortcut)
+  variables = medicalnet.convert_medicalnet_state_dict(_state_dict(ref), depth, shortcut)
   model = resnet3d.build_resnet3d(depth, shortcut)
   got = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x)))
   assert got.shape == want.shape == (2, resnet3d.feature_dim(depth))
@@ -199,8 +200,8 @@ def state_dict_10():
 def test_converter_accepts_plain_keys_and_ignores_head(state_dict_10):
   plain = {k[len('module.'):]: v for k, v in state_dict_10.items()}
   plain['conv_seg.2.weight'] = np.zeros((2, 32, 1, 1, 1), np.float32)
-  a = resnet3d.convert_medicalnet_state_dict(plain, 10)
-  b = resnet3d.convert_medicalnet_state_dict(state_dict_10, 10)
+  a = medicalnet.convert_medicalnet_state_dict(plain, 10)
+  b = medicalnet.convert_medicalnet_state_dict(state_dict_10, 10)
   assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
   kernel = a['params']['layer2_0']['downsample_0']['kernel']
   assert kernel.shape == (1, 1, 1, 64, 128)
@@ -214,25 +215,26 @@ def test_converter_accepts_plain_keys_and_ignores_head(state_dict_10):
 def test_converter_errors_name_the_keys(state_dict_10):
   sd = dict(state_dict_10)
   del sd['module.layer3.0.bn1.running_mean']
-  with pytest.raises(resnet3d.MedicalNetCheckpointError, match=r'1 missing keys \(layer3\.0\.bn1'):
-    resnet3d.convert_medicalnet_state_dict(sd, 10)
+  with pytest.raises(medicalnet.MedicalNetCheckpointError,
+                     match=r'1 missing keys \(layer3\.0\.bn1'):
+    medicalnet.convert_medicalnet_state_dict(sd, 10)
 
   sd = dict(state_dict_10, **{'module.fc.weight': np.zeros((2, 512), np.float32)})
   with pytest.raises(DataError, match=r'unexpected keys \(fc\.weight\)'):
-    resnet3d.convert_medicalnet_state_dict(sd, 10)
+    medicalnet.convert_medicalnet_state_dict(sd, 10)
 
   sd = dict(state_dict_10)
   sd['module.layer1.0.conv2.weight'] = np.zeros((64, 64, 3, 3), np.float32)
   with pytest.raises(ValueError, match=r"'layer1\.0\.conv2\.weight' has shape \(64, 64, 3, 3\), "
                                        r'expected \(64, 64, 3, 3, 3\)'):
-    resnet3d.convert_medicalnet_state_dict(sd, 10)
+    medicalnet.convert_medicalnet_state_dict(sd, 10)
 
-  with pytest.raises(resnet3d.MedicalNetCheckpointError, match="shortcut_type='B'"):
-    resnet3d.convert_medicalnet_state_dict(state_dict_10, 10, 'A')
+  with pytest.raises(medicalnet.MedicalNetCheckpointError, match="shortcut_type='B'"):
+    medicalnet.convert_medicalnet_state_dict(state_dict_10, 10, 'A')
 
   sd = dict(state_dict_10, **{'conv1.weight': state_dict_10['module.conv1.weight']})
-  with pytest.raises(resnet3d.MedicalNetCheckpointError, match='twice'):
-    resnet3d.convert_medicalnet_state_dict(sd, 10)
+  with pytest.raises(medicalnet.MedicalNetCheckpointError, match='twice'):
+    medicalnet.convert_medicalnet_state_dict(sd, 10)
 
 
 def test_bad_settings_and_inputs():
@@ -258,7 +260,7 @@ def test_convert_cli_medicalnet_round_trip(tmp_path):
   assert convert_main(['medicalnet', str(ckpt), str(out), '--depth', '10']) == 0
   config, variables = convert.load_converted(str(out))
   assert config == {'depth': 10, 'shortcut_type': None}
-  want = resnet3d.convert_medicalnet_state_dict(_state_dict(ref), 10)
+  want = medicalnet.convert_medicalnet_state_dict(_state_dict(ref), 10)
   for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert convert_main(['medicalnet', str(ckpt), str(out), '--depth', '18']) == 2  # OUT exists
