@@ -144,9 +144,11 @@ def test_embed_prompts_builds_table(mean_encoder):
     embed_prompts(mean_encoder, [])
 
 
-def test_regenerated_ms_minilm_equals_shipped_asset(minilm_path):
-  shipped = load_table(builtin_table_path('ms_minilm'))
-  encoder = encoders.HFEncoder(minilm_path, pooling='mean')
+@pytest.mark.parametrize('name,pooling,max_length', [('ms_minilm', 'mean', 77),
+                                                      ('ms_minilm_tokens', 'tokens', 16)])
+def test_regenerated_ms_minilm_equals_shipped_asset(minilm_path, name, pooling, max_length):
+  shipped = load_table(builtin_table_path(name))
+  encoder = encoders.HFEncoder(minilm_path, pooling=pooling, max_length=max_length)
   fresh = embed_prompts(encoder, prompts_lib.prompts_for('ms'))
   assert fresh.prompts == shipped.prompts
   np.testing.assert_allclose(fresh.embeddings, shipped.embeddings, atol=1e-5)

