@@ -6,7 +6,7 @@ through image space (IDWT → clamp to [-1, 1] → DWT), as wdm-3d does when sam
 `LatentSpace` (MAISI): z = VAE posterior mean × `scale_factor` (1/std of the prepared
 latents). `x [N, D, H, W, 1]` ↔ `z [N, D/f, H/f, W/f, latent_channels]`, f = 4 for MAISI.
 `clip_x0` is None (MAISI does not clip latents). The trainer reads `prepare_latents`' shards of
-unscaled latents (`records_dir`), so it never runs the encoder; sampling decodes through the VAE.
+unscaled latents (`Workdir.train_records`), so it never runs the encoder; sampling decodes through the VAE.
 
 Every space has `latent_shape(image)`, `record_shape(image)` (what the training records hold),
 `from_records(v)` (records → z0), `encode(x)`, `decode(z)`, `clip_x0`, and `params` (arrays the
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from cf3d_jax import parallel, wavelets
 from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.workdir import Workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +178,13 @@ def autoencoder_path(space_config, workdir: str | None) -> str:
   if workdir is None:
     raise ConfigError("config.space.autoencoder is empty and there is no workdir to find "
                       "WORKDIR/autoencoder/vae in")
-  return os.path.abspath(os.path.join(workdir, "autoencoder", "vae"))
+  return os.path.abspath(Workdir(workdir).vae)
 
 
 def latents_dir(workdir: str) -> str:
-  """Where `prepare_latents` writes the latent shards: `WORKDIR/data/latents`."""
-  return os.path.join(workdir, "data", "latents")
+  """`WORKDIR/data/latents`, where `prepare_latents` writes the latent shards; kept for callers
+  of the earlier API (use `Workdir(workdir).latents`)."""
+  return Workdir(workdir).latents
 
 
 def recorded_scale_factor(workdir: str) -> float:
@@ -230,14 +232,6 @@ def _latent(space_config, workdir, with_vae) -> LatentSpace:
 
 
 SPACES = {"wavelet": _wavelet, "latent": _latent}
-
-
-def records_dir(config, workdir: str) -> str:
-  """The record shards training reads: images (`data/records`) for the wavelet space, the
-  prepared latents (`data/latents`) for the latent space."""
-  if config.space.name == "latent":
-    return latents_dir(workdir)
-  return os.path.join(workdir, "data", "records")
 
 
 def placed(space, mesh, rules):
