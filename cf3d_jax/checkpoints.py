@@ -28,8 +28,8 @@ from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.data import records
 from cf3d_jax.errors import DataError
 from cf3d_jax.models import unet as unet_lib
-from cf3d_jax.objectives import make_objective
-from cf3d_jax.spaces import make_space
+from cf3d_jax.objectives import Objective, make_objective
+from cf3d_jax.spaces import Space, make_space
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import EmbeddingTable, load_table
 from cf3d_jax.workdir import Workdir
@@ -40,7 +40,8 @@ PARAM_ITEMS = ("params", "ema")   # the state's parameter trees a generator can 
 
 # ---- components and the state layout ----------------------------------------------------------
 
-def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
+def build_components(config, workdir: str | None = None, load_autoencoder: bool = False
+                     ) -> tuple[Any, Objective, Space]:
   """(model, objective, space) named by the config; `workdir` and `load_autoencoder` are passed
   to `spaces.make_space` (the latent space's recorded scale factor and its VAE)."""
   space = make_space(config.space, workdir, load_autoencoder=load_autoencoder)
@@ -208,8 +209,8 @@ class Generator:
     mesh, rules: the device mesh (`config.mesh.shape`) and its logical-axis rules.
   """
   model: Any
-  objective: Any
-  space: Any
+  objective: Objective
+  space: Space
   params: Any
   step: int
   table: EmbeddingTable

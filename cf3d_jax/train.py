@@ -37,7 +37,8 @@ from cf3d_jax.checkpoints import State, abstract_state, build_components, \
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.errors import Cf3dError, ConfigError, Preempted
 from cf3d_jax.models import unet as unet_lib
-from cf3d_jax.spaces import make_space, placed
+from cf3d_jax.objectives import Objective
+from cf3d_jax.spaces import Space, make_space, placed
 from cf3d_jax.text.table import load_table
 from cf3d_jax.workdir import Workdir
 
@@ -168,7 +169,7 @@ def check_finite(finite: jax.Array, metrics: dict[str, jax.Array], step: int,
                   "config.train.grad_clip_norm")
 
 
-def make_train_step(model, tx, objective, space, config, mesh=None,
+def make_train_step(model, tx, objective: Objective, space: Space, config, mesh=None,
                     state_sh: State | None = None, batch_sh: dict[str, Any] | None = None,
                     interleaved_hosts: int = 1):
   """`train_step` jitted on `mesh`: state in and out with `state_sh` (donated), batch with
