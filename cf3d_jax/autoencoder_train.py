@@ -55,7 +55,6 @@ from absl import logging
 from cf3d_jax import checkpoints, config_base, convert
 from cf3d_jax.data import pipeline, records
 from cf3d_jax.data.export import read_records, split_entries
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import Cf3dError, ConfigError, DataError
 from cf3d_jax.files import write_text
 from cf3d_jax.metrics.image import psnr
@@ -63,6 +62,7 @@ from cf3d_jax.models import autoencoder as ae_lib
 from cf3d_jax.models import patch_discriminator as disc_lib
 from cf3d_jax.models import resnet3d
 from cf3d_jax.text.table import load_table
+from cf3d_jax.workdir import Workdir
 
 State = dict[str, Any]
 Array = jax.Array
@@ -70,11 +70,6 @@ Array = jax.Array
 AUTOENCODER_STREAM = 4_000_037   # folded into key(seed): this mode's draws differ from train's
 METRICS_NAME = "metrics.json"
 DATA_RANGE = 2.0                 # volumes in [-1, 1]
-
-
-def autoencoder_dir(workdir: str) -> str:
-  """`WORKDIR/autoencoder`: checkpoints/, tensorboard/, vae/, metrics.json."""
-  return os.path.join(workdir, "autoencoder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,20 +397,20 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
                     "jax.distributed (--distributed=off)")
   from clu import metric_writers, periodic_actions
   ac = config.autoencoder
-  out_dir = autoencoder_dir(workdir)
+  wd = Workdir(workdir)
+  out_dir = wd.autoencoder                   # checkpoints/, tensorboard/, vae/, metrics.json
   writer = metric_writers.create_default_writer(os.path.join(out_dir, "tensorboard"))
   # ---- input -------------------------------------------------------------------------------
-  paths = data_paths(workdir)
-  index = records.load_index(paths["records"])
+  index = records.load_index(wd.records)
   recorded = tuple(index.get("meta", {}).get("shape", ()))
   if recorded and recorded != tuple(config.data.shape):
-    raise DataError(f"{paths['records']}: records of shape {recorded}, but config.data.shape="
+    raise DataError(f"{wd.records}: records of shape {recorded}, but config.data.shape="
                     f"{tuple(config.data.shape)}; prepare again or fix the config")
   stream_config = config.copy_and_resolve_references()
   with stream_config.unlocked():
     stream_config.train.batch_size = int(ac.batch_size)
-  data_iter = iter(pipeline.make_train_dataset(paths["records"], index,
-                                               load_table(paths["table"]), stream_config,
+  data_iter = iter(pipeline.make_train_dataset(wd.records, index,
+                                               load_table(wd.table), stream_config,
                                                shard_index=0, shard_count=1))
   # ---- models, perceptual network, optimizers ----------------------------------------------
   model, disc = build_vae(ac), build_discriminator(ac)
@@ -478,7 +473,7 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
   params = jax.device_get(state["ema"] if "ema" in state else state["params"])
   vae_dir = convert.save_converted(os.path.join(out_dir, "vae"), params, "maisi-vae",
                                    ae_lib.autoencoder_hparams(model), overwrite=True)
-  volumes = held_out_volumes(config, paths["records"], index)
+  volumes = held_out_volumes(config, wd.records, index)
   if len(volumes):
     val = evaluate_reconstruction(model, params, volumes, int(ac.batch_size))
   else:

@@ -26,13 +26,13 @@ from absl import logging
 
 from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.data import records
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import DataError
 from cf3d_jax.models import unet as unet_lib
-from cf3d_jax.objectives import make_objective
-from cf3d_jax.spaces import make_space
+from cf3d_jax.objectives import Objective, make_objective
+from cf3d_jax.spaces import Space, make_space
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import EmbeddingTable, load_table
+from cf3d_jax.workdir import Workdir
 
 State = dict[str, Any]
 PARAM_ITEMS = ("params", "ema")   # the state's parameter trees a generator can sample with
@@ -40,7 +40,8 @@ PARAM_ITEMS = ("params", "ema")   # the state's parameter trees a generator can 
 
 # ---- components and the state layout ----------------------------------------------------------
 
-def build_components(config, workdir: str | None = None, load_autoencoder: bool = False):
+def build_components(config, workdir: str | None = None, load_autoencoder: bool = False
+                     ) -> tuple[Any, Objective, Space]:
   """(model, objective, space) named by the config; `workdir` and `load_autoencoder` are passed
   to `spaces.make_space` (the latent space's recorded scale factor and its VAE)."""
   space = make_space(config.space, workdir, load_autoencoder=load_autoencoder)
@@ -124,8 +125,9 @@ def make_manager(folder: str, max_to_keep: int) -> ocp.CheckpointManager:
 def checkpoint_manager(workdir: str, train_config) -> ocp.CheckpointManager:
   """The diffusion trainer's manager of `WORKDIR/checkpoints` (`train.max_to_keep`), after
   removing the saves a killed run left unfinished."""
-  remove_unfinished_saves(os.path.join(workdir, "checkpoints"))
-  return make_manager(os.path.join(workdir, "checkpoints"), train_config.max_to_keep)
+  folder = Workdir(workdir).checkpoints
+  remove_unfinished_saves(folder)
+  return make_manager(folder, train_config.max_to_keep)
 
 
 # ---- restore -----------------------------------------------------------------------------------
@@ -207,8 +209,8 @@ class Generator:
     mesh, rules: the device mesh (`config.mesh.shape`) and its logical-axis rules.
   """
   model: Any
-  objective: Any
-  space: Any
+  objective: Objective
+  space: Space
   params: Any
   step: int
   table: EmbeddingTable
@@ -232,9 +234,9 @@ def load_generator(config, workdir: str) -> Generator:
   names what is missing (prepared data, table, checkpoint).
   """
   config_base.validate(config, "sample")
-  paths = data_paths(workdir)
-  index = records.load_index(paths["records"])
-  table = load_table(paths["table"])
+  wd = Workdir(workdir)
+  index = records.load_index(wd.records)
+  table = load_table(wd.table)
   null_emb, null_mask = table.lookup([prompt_lib.NULL_PROMPT])
   model, objective, space = build_components(config, workdir, load_autoencoder=True)
   mesh = parallel.make_mesh(config.mesh.shape)

@@ -29,12 +29,12 @@ from absl import logging
 from cf3d_jax import config_base
 from cf3d_jax.data import records
 from cf3d_jax.data.export import read_records, split_entries
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.files import atomic_dir, write_text
 from cf3d_jax.models import densenet3d
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import load_table
+from cf3d_jax.workdir import Workdir
 
 META_NAME = "classifier.json"
 VARIABLES_NAME = "variables"
@@ -42,7 +42,7 @@ CLASSIFIER_STREAM = 3_000_017
 
 
 def classifier_dir(config, workdir: str) -> str:
-  return config.eval.classifier or os.path.join(workdir, "classifier")
+  return config.eval.classifier or Workdir(workdir).classifier
 
 
 def _batches(volumes: np.ndarray, bsz: int):
@@ -117,8 +117,8 @@ def train_classifier(config, workdir: str) -> dict:
   if min(shape) < need:
     raise ConfigError(f"config.data.shape={shape}: a DenseNet with {len(blocks)} blocks needs at "
                       f"least {need} voxels per side (config.classifier.block_config)")
-  paths = data_paths(workdir)
-  index = records.load_index(paths["records"])
+  wd = Workdir(workdir)
+  index = records.load_index(wd.records)
   classes = list(prompt_lib.CLASSES[config.data.dataset])
   model = densenet3d.DenseNet3D(len(classes), dropout_rate=cc.dropout, block_config=blocks)
   key = jax.random.key(config.seed + CLASSIFIER_STREAM)
@@ -129,7 +129,7 @@ def train_classifier(config, workdir: str) -> dict:
   with stream_cfg.unlocked():
     stream_cfg.train.batch_size = cc.batch_size
     stream_cfg.data.num_workers = 0
-  stream = iter(pipeline.make_train_dataset(paths["records"], index, load_table(paths["table"]),
+  stream = iter(pipeline.make_train_dataset(wd.records, index, load_table(wd.table),
                                             stream_cfg))
 
   @jax.jit
@@ -155,7 +155,7 @@ def train_classifier(config, workdir: str) -> dict:
         jnp.asarray(batch["label"], jnp.int32), jax.random.fold_in(key, i))
     if i % cc.eval_every == 0 or i == cc.num_steps:
       pred = Predictor(out_dir, classes, model, {"params": params, "batch_stats": batch_stats})
-      val = _accuracy(pred, paths["records"], index, config, "val", cc.batch_size)
+      val = _accuracy(pred, wd.records, index, config, "val", cc.batch_size)
       history.append({"step": i, "loss": float(loss), "train_batch_accuracy": float(acc),
                       "val_accuracy": val})
       logging.info("classifier step %d: loss %.4f, val accuracy %s", i, float(loss), val)
@@ -168,9 +168,9 @@ def train_classifier(config, workdir: str) -> dict:
   meta = {"classes": classes, "dataset": config.data.dataset, "input_shape": list(shape),
           "block_config": list(blocks),
           "step": best_step, "num_steps": cc.num_steps, "history": history,
-          "val_accuracy": _accuracy(predictor, paths["records"], index, config, "val",
+          "val_accuracy": _accuracy(predictor, wd.records, index, config, "val",
                                     cc.batch_size),
-          "test_accuracy": _accuracy(predictor, paths["records"], index, config, "test",
+          "test_accuracy": _accuracy(predictor, wd.records, index, config, "test",
                                      cc.batch_size),
           "num_params": densenet3d.count_params(best_vars["params"])}
   with atomic_dir(out_dir) as tmp:

@@ -17,6 +17,8 @@ import os
 import time
 from typing import Iterator
 
+from cf3d_jax.workdir import Workdir
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
@@ -63,7 +65,7 @@ def log_file(workdir: str, mode: str, write: bool = True) -> Iterator[str | None
     yield None
     return
   from absl import logging as absl_logging
-  folder = os.path.join(workdir, "logs")
+  folder = Workdir(workdir).logs
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}.log")
   handler = logging.FileHandler(path, encoding="utf-8")

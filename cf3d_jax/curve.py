@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from cf3d_jax.errors import Cf3dError, ConfigError
 from cf3d_jax.files import write_text
+from cf3d_jax.workdir import Workdir
 
 CURVE_FORMAT = "cf3d_jax.curve/1"
 # Dashed reference lines of the plot: the demo's targets (docs/results.md, "What makes the
@@ -161,7 +162,7 @@ def training_curve(config, workdir: str, config_name: str, every: int,
                       "scale and two noises per prompt (the diversity column compares pairs)")
   config_base.validate(config)
   steps = curve_steps(config.train.num_steps, every)
-  out_dir = os.path.join(workdir, "curve")
+  out_dir = Workdir(workdir).curve
   path = os.path.join(out_dir, "curve.json")
   header = {"format": CURVE_FORMAT, "config": config_name, "seed": config.seed, "every": every,
             "scales": [float(s) for s in scales], "num_per_prompt": num_per_prompt}

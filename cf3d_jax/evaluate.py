@@ -42,7 +42,6 @@ from cf3d_jax import config_base, parallel
 from cf3d_jax.checkpoints import Generator, load_generator
 from cf3d_jax.data import phantoms, records
 from cf3d_jax.data.export import read_records, split_entries
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import atomic_path, write_text
 from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
@@ -50,6 +49,7 @@ from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.text import prompts as prompt_lib
+from cf3d_jax.workdir import Workdir
 
 EVAL_STREAM = 2_000_033   # evaluation noise k = generate.subject_noise(seed + EVAL_STREAM, k)
 
@@ -136,12 +136,12 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
   shape = tuple(config.data.shape)
   ms_kw = ms_ssim_settings(config, shape)
   bsz = config.eval.batch_size
-  paths = data_paths(workdir)
-  index = records.load_index(paths["records"])
+  wd = Workdir(workdir)
+  index = records.load_index(wd.records)
   entries = split_entries(index, config.eval.real_split, config.seed, tuple(config.data.split))
   if not entries:
     raise ConfigError(f"config.eval.real_split={config.eval.real_split!r} holds no subjects")
-  real_recs = read_records(paths["records"], index, entries)
+  real_recs = read_records(wd.records, index, entries)
   real = np.stack([rec["volume"] for rec in real_recs]).astype(np.float32)
   real_labels = np.asarray([int(rec["label"]) for rec in real_recs])
   feats, feat_what = feature_extractor(config)
@@ -150,10 +150,10 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
   # generator that reproduced the training distribution exactly would score, at this size).
   train_entries = split_entries(index, "train", config.seed, tuple(config.data.split))
   train_real = np.stack([rec["volume"] for rec in read_records(
-      paths["records"], index, train_entries)]).astype(np.float32)
+      wd.records, index, train_entries)]).astype(np.float32)
   fid_floor = fid_lib.frechet_distance(
       *fid_lib.feature_statistics(_features(feats, train_real, bsz)), *real_stats)
-  reference = phantoms.find_reference(paths["reference"])
+  reference = phantoms.find_reference(wd.reference)
   rule = (phantom_lib.PhantomRule.build(dataset, reference, config.eval.lesion_threshold)
           if reference is not None and tuple(reference.shape) == shape else None)
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
@@ -204,7 +204,7 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
     logging.info("evaluate w=%g: %s", scale, {k: v for k, v in row.items()
                                                if not isinstance(v, dict)})
   if parallel.is_writer():   # multi-host: every process evaluates, process 0 writes
-    out_dir = out_dir or os.path.join(workdir, "eval")
+    out_dir = out_dir or Workdir(workdir).eval
     write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
     write_text(os.path.join(out_dir, "results.md"), results_markdown(result))
     plot_guidance(result, os.path.join(out_dir, "guidance.png"))

@@ -22,8 +22,9 @@ import numpy as np
 from cf3d_jax import parallel
 from cf3d_jax.checkpoints import Generator
 from cf3d_jax.errors import ConfigError
+from cf3d_jax.objectives import Objective
 from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
-from cf3d_jax.spaces import placed
+from cf3d_jax.spaces import Space, placed
 
 SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
 
@@ -34,7 +35,7 @@ def subject_noise(seed: int, k: int, shape: Sequence[int]) -> jax.Array:
   return jax.random.normal(key, tuple(shape), jnp.float32)
 
 
-def _on_mesh(jitted, space, mesh, rules):
+def _on_mesh(jitted, space: Space, mesh, rules):
   """`call(params, batch, rest=())` → `jitted(params, space_params, *batch, *rest)`. With `mesh`:
   the host `batch` arrays (every process holds the same whole batch) become global arrays split
   by `parallel.batch_spec`, the space's params and the `rest` arrays are replicated, the call is
@@ -53,7 +54,7 @@ def _on_mesh(jitted, space, mesh, rules):
   return call
 
 
-def make_sampler(model, objective, space, scale: float, null_emb, null_mask,
+def make_sampler(model, objective: Objective, space: Space, scale: float, null_emb, null_mask,
                  deterministic: bool = False, depth: float = 1.0, mesh=None,
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
                  interval: tuple[float, float] = (0.0, 1.0), edit_masks=None):
@@ -152,8 +153,9 @@ def _key_data(key: jax.Array) -> np.ndarray:
   return np.asarray(key)
 
 
-def make_inverter(model, objective, space, refine_iters: int, depth: float = 1.0, mesh=None,
-                  rules: parallel.Rules = parallel.DEFAULT_RULES, trajectory: bool = False):
+def make_inverter(model, objective: Objective, space: Space, refine_iters: int,
+                  depth: float = 1.0, mesh=None, rules: parallel.Rules = parallel.DEFAULT_RULES,
+                  trajectory: bool = False):
   """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
 
   The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.

@@ -72,7 +72,7 @@ def _run_modes(config, workdir: str, mode: str, on_error: str) -> None:
     from cf3d_jax.autoencoder_train import train_autoencoder
     train_autoencoder(config, workdir)
   if mode == "prepare_latents" or (mode == "all" and latent):
-    from cf3d_jax.data.latents import prepare_latents
+    from cf3d_jax.latents import prepare_latents
     prepare_latents(config, workdir)
   if mode in ("train", "all"):
     from cf3d_jax.train import train_and_evaluate

@@ -37,6 +37,7 @@ import numpy as np
 from cf3d_jax.errors import Cf3dError, ConfigError, DataError, PromptError
 from cf3d_jax.files import atomic_path, write_text
 from cf3d_jax.text.table import EmbeddingTable
+from cf3d_jax.workdir import Workdir
 
 if TYPE_CHECKING:
   from cf3d_jax import checkpoints
@@ -82,7 +83,7 @@ def load_config(spec: str) -> Any:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir/checkpoints/` holds a finished checkpoint (a folder named by its step)."""
-  folder = os.path.join(workdir, "checkpoints")
+  folder = Workdir(workdir).checkpoints
   return os.path.isdir(folder) and any(n.isdigit() for n in os.listdir(folder))
 
 
@@ -622,7 +623,7 @@ def output_dir(gen: Generator, cf: Counterfactuals) -> str:
   else:
     base = os.path.basename(cf.source).removesuffix(".gz").removesuffix(".nii")
     name = f"inverted_{base}_g{cf.guidance:g}"
-  return os.path.join(gen.workdir, "notebook", name)
+  return os.path.join(Workdir(gen.workdir).notebook, name)
 
 
 def save_nifti(cf: Counterfactuals, out_dir: str) -> list[str]:

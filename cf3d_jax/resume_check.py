@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from cf3d_jax.files import write_text
+from cf3d_jax.workdir import Workdir
 
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 
@@ -91,7 +92,7 @@ def compare(reference: tuple[int, dict, str], other: tuple[int, dict, str]) -> l
 def saved_steps(workdir: str) -> list[int]:
   """Committed checkpoint steps of a workdir (orbax's unfinished `*.orbax-checkpoint-tmp*`
   folders are not digits), ascending."""
-  ckpt = os.path.join(workdir, "checkpoints")
+  ckpt = Workdir(workdir).checkpoints
   return sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
 
 
@@ -116,7 +117,7 @@ def run_trial(workdir: str, data: str, steps: int, every: int, delays: Sequence[
   signal, exit status, last checkpoint after it)."""
   anchors = anchors or ["checkpoint" if n == "TERM" else "start" for n in signals]
   shutil.rmtree(workdir, ignore_errors=True)
-  shutil.copytree(data, os.path.join(workdir, "data"))
+  shutil.copytree(data, Workdir(workdir).data)
   log = os.path.join(workdir, "train.log")
   runs = []
   for delay, name, anchor in zip(delays, signals, anchors):

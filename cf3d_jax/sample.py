@@ -46,7 +46,6 @@ from absl import logging
 from cf3d_jax import parallel
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import nifti, phantoms
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.files import atomic_dir, atomic_path, unique_slug, write_text
 from cf3d_jax.generate import SAMPLE_STREAM, batched, generate, guidance_negatives, \
@@ -54,6 +53,7 @@ from cf3d_jax.generate import SAMPLE_STREAM, batched, generate, guidance_negativ
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.text import prompts as prompt_lib
+from cf3d_jax.workdir import Workdir
 
 
 def montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> None:
@@ -190,9 +190,9 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
-  rule = _phantom_rule(phantoms.find_reference(data_paths(workdir)["reference"]), config)
+  rule = _phantom_rule(phantoms.find_reference(Workdir(workdir).reference), config)
   bsz = config.sample.batch_size
-  out_dir = os.path.join(workdir, "samples")
+  out_dir = Workdir(workdir).samples
   names = prompt_file_names(prompts)
   entries = []
   sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval)
@@ -353,7 +353,7 @@ def sample_from_sources(config, workdir: str) -> dict:
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
-  reference = phantoms.find_reference(data_paths(workdir)["reference"])
+  reference = phantoms.find_reference(Workdir(workdir).reference)
   rule = _phantom_rule(reference, config)
   sources = resolve_sources(config.sample.source, config.data.dataset)
   factual = _factual_prompts(config, sources, prompts)
@@ -377,7 +377,7 @@ def sample_from_sources(config, workdir: str) -> dict:
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
   items = [(k, p) for k in range(n) for p in range(len(prompts))]
   ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
-  out_dir = os.path.join(workdir, "samples_source")
+  out_dir = Workdir(workdir).samples_source
   names = prompt_file_names(prompts)
   entries = []
   with output_folder(out_dir) as tmp_dir:   # None on processes that do not write

@@ -6,9 +6,9 @@ through image space (IDWT → clamp to [-1, 1] → DWT), as wdm-3d does when sam
 `LatentSpace` (MAISI): z = VAE posterior mean × `scale_factor` (1/std of the prepared
 latents). `x [N, D, H, W, 1]` ↔ `z [N, D/f, H/f, W/f, latent_channels]`, f = 4 for MAISI.
 `clip_x0` is None (MAISI does not clip latents). The trainer reads `prepare_latents`' shards of
-unscaled latents (`records_dir`), so it never runs the encoder; sampling decodes through the VAE.
+unscaled latents (`Workdir.train_records`), so it never runs the encoder; sampling decodes through the VAE.
 
-Every space has `latent_shape(image)`, `record_shape(image)` (what the training records hold),
+Every space (the `Space` protocol) has `latent_shape(image)`, `record_shape(image)` (what the training records hold),
 `from_records(v)` (records → z0), `encode(x)`, `decode(z)`, `clip_x0`, and `params` (arrays the
 space needs on device, passed to jitted functions as an argument with `with_params`, so a VAE's
 weights are not baked into compiled code as constants). One trainer and one sampler serve WDM
@@ -24,13 +24,45 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from cf3d_jax import parallel, wavelets
 from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.workdir import Workdir
+
+
+class Space(Protocol):
+  """Where diffusion runs (`WaveletSpace`, `LatentSpace`): what the trainer and sampler call.
+
+  Shapes: image `x [N, D, H, W, C]` in [-1, 1]; z `[N, *latent_shape]`; records as
+  `record_shape` says.
+  """
+  params: Any                   # arrays the space needs on device (None: none)
+  # `clip_x0(z0 [N, ...]) → z0 [N, ...]` clips a predicted z0 through image space, or None.
+  clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None
+
+  def latent_shape(self, image_shape: tuple[int, int, int], channels: int = 1
+                   ) -> tuple[int, int, int, int]:
+    """`(D, H, W)` → the diffused tensor's `(d, h, w, c)`; a ConfigError for sizes it cannot
+    take."""
+
+  def record_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """What one training record's `volume` holds, `(…, channels)`."""
+
+  def from_records(self, volume: jnp.ndarray) -> jnp.ndarray:
+    """Record batch `[N, *record_shape]` → z0 `[N, *latent_shape]`."""
+
+  def encode(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Image `[N, D, H, W, C]` → z `[N, *latent_shape]`."""
+
+  def decode(self, z: jnp.ndarray) -> jnp.ndarray:
+    """z `[N, *latent_shape]` → image `[N, D, H, W, C]`."""
+
+  def with_params(self, params: Any) -> "Space":
+    """The same space with `params` (traced arguments inside jit)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +209,13 @@ def autoencoder_path(space_config, workdir: str | None) -> str:
   if workdir is None:
     raise ConfigError("config.space.autoencoder is empty and there is no workdir to find "
                       "WORKDIR/autoencoder/vae in")
-  return os.path.abspath(os.path.join(workdir, "autoencoder", "vae"))
+  return os.path.abspath(Workdir(workdir).vae)
 
 
 def latents_dir(workdir: str) -> str:
-  """Where `prepare_latents` writes the latent shards: `WORKDIR/data/latents`."""
-  return os.path.join(workdir, "data", "latents")
+  """`WORKDIR/data/latents`, where `prepare_latents` writes the latent shards; kept for callers
+  of the earlier API (use `Workdir(workdir).latents`)."""
+  return Workdir(workdir).latents
 
 
 def recorded_scale_factor(workdir: str) -> float:
@@ -232,15 +265,7 @@ def _latent(space_config, workdir, with_vae) -> LatentSpace:
 SPACES = {"wavelet": _wavelet, "latent": _latent}
 
 
-def records_dir(config, workdir: str) -> str:
-  """The record shards training reads: images (`data/records`) for the wavelet space, the
-  prepared latents (`data/latents`) for the latent space."""
-  if config.space.name == "latent":
-    return latents_dir(workdir)
-  return os.path.join(workdir, "data", "records")
-
-
-def placed(space, mesh, rules):
+def placed(space: Space, mesh, rules) -> Space:
   """`space` laid out on `mesh` under logical `rules` (block-local transforms); a space without
   mesh support is returned unchanged."""
   if isinstance(space, WaveletSpace):
@@ -248,7 +273,8 @@ def placed(space, mesh, rules):
   return space
 
 
-def make_space(space_config, workdir: str | None = None, *, load_autoencoder: bool = False):
+def make_space(space_config, workdir: str | None = None, *, load_autoencoder: bool = False
+               ) -> Space:
   """Builds the space named by `config.space.name`.
 
   Latent space: the scale factor is `config.space.scale_factor` if > 0, else the one recorded

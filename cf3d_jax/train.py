@@ -35,12 +35,12 @@ from cf3d_jax import config_base, fingerprint, parallel
 from cf3d_jax.checkpoints import State, abstract_state, build_components, \
     check_checkpoint_config, checkpoint_manager, init_state, restore_state
 from cf3d_jax.data import pipeline, records
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import Cf3dError, ConfigError, Preempted
 from cf3d_jax.models import unet as unet_lib
-from cf3d_jax.spaces import make_space, placed
-from cf3d_jax.spaces import records_dir as records_dir_for
+from cf3d_jax.objectives import Objective
+from cf3d_jax.spaces import Space, make_space, placed
 from cf3d_jax.text.table import load_table
+from cf3d_jax.workdir import Workdir
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -169,7 +169,7 @@ def check_finite(finite: jax.Array, metrics: dict[str, jax.Array], step: int,
                   "config.train.grad_clip_norm")
 
 
-def make_train_step(model, tx, objective, space, config, mesh=None,
+def make_train_step(model, tx, objective: Objective, space: Space, config, mesh=None,
                     state_sh: State | None = None, batch_sh: dict[str, Any] | None = None,
                     interleaved_hosts: int = 1):
   """`train_step` jitted on `mesh`: state in and out with `state_sh` (donated), batch with
@@ -243,23 +243,23 @@ def train_and_evaluate(config, workdir: str) -> State:
   # ---- config and logging ------------------------------------------------------------------
   config_base.validate(config, "train")
   # ---- the workdir holds this config's data and checkpoints (else one error, nothing run) ----
-  paths = data_paths(workdir)
+  wd = Workdir(workdir)
   mngr = checkpoint_manager(workdir, config.train)
-  prepared = os.path.join(paths["records"], records.INDEX_NAME)
+  prepared = os.path.join(wd.records, records.INDEX_NAME)
   check_checkpoint_config(config, mngr, None, ("model", "recipe"), where=workdir,
                           more=data_config_differences(config, records.load_index(
-                              paths["records"])) if os.path.exists(prepared) else ())
+                              wd.records)) if os.path.exists(prepared) else ())
   from clu import metric_writers, periodic_actions
   writer = metric_writers.create_default_writer(
-      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0)
+      wd.tensorboard, just_logging=jax.process_index() > 0)
   # ---- mesh and input ----------------------------------------------------------------------
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = parallel.rules_from_config(config.mesh)
   parallel.check_batch_divisible(config.train.batch_size, mesh, "train.batch_size")
   parallel.check_spatial_divisible(tuple(config.data.shape), mesh, "data.shape")
-  records_dir = records_dir_for(config, workdir)
+  records_dir = wd.train_records(config.space.name)
   index = records.load_index(records_dir)
-  table = load_table(paths["table"])
+  table = load_table(wd.table)
   logging.info("process %d of %d; mesh %s over %d devices; rules %s", jax.process_index(),
                jax.process_count(), dict(mesh.shape), mesh.devices.size, rules)
   dataset, per_host = _make_dataset(records_dir, index, table, config, mesh, rules)
@@ -346,5 +346,5 @@ def train_and_evaluate(config, workdir: str) -> State:
   writer.flush()
   logging.info("trained to step %d (%.1f min this run); checkpoints %s in %s; TensorBoard: "
                "tensorboard --logdir %s", step, (time.time() - started) / 60,
-               sorted(mngr.all_steps()), mngr.directory, os.path.join(workdir, "tensorboard"))
+               sorted(mngr.all_steps()), mngr.directory, Workdir(workdir).tensorboard)
   return state

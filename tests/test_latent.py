@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cf3d_jax import config_base, convert, modes, spaces
-from cf3d_jax.data import latents, pipeline, records
+from cf3d_jax import config_base, convert, latents, modes, spaces
+from cf3d_jax.data import pipeline, records
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.models import autoencoder as ae
 

@@ -11,14 +11,13 @@ training split (LLL divided by `space.lll_scale`, as diffusion sees it), ready t
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from absl import app, flags
 
 from cf3d_jax.data import records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.errors import Cf3dError, DataError
+from cf3d_jax.workdir import Workdir
 
 
 def subband_rms(volumes: np.ndarray, lll_scale: float = 3.0) -> np.ndarray:
@@ -49,7 +48,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    rms = split_rms(os.path.join(f.workdir, "data", "records"), f.split, f.seed,
+    rms = split_rms(Workdir(f.workdir).records, f.split, f.seed,
                     lll_scale=f.lll_scale)
   except Cf3dError as e:
     raise SystemExit(f"error: {e}") from None

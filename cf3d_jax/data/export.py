@@ -26,6 +26,7 @@ from cf3d_jax.data.pipeline import split_subjects
 from cf3d_jax.errors import Cf3dError, ConfigError
 from cf3d_jax.files import check_inside, unique_slug, write_text
 from cf3d_jax.text import prompts as prompt_lib
+from cf3d_jax.workdir import Workdir
 
 SPLITS = ("train", "val", "test")
 
@@ -92,7 +93,7 @@ def main(argv):
   del argv
   f = flags.FLAGS
   try:
-    path = export_split(os.path.join(f.workdir, "data", "records"), f.split, f.out,
+    path = export_split(Workdir(f.workdir).records, f.split, f.out,
                         seed=f.seed, limit=f.limit)
   except Cf3dError as e:
     raise SystemExit(f"error: {e}") from None

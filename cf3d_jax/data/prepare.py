@@ -21,6 +21,7 @@ from cf3d_jax.data import ingest, phantoms, records
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import EmbeddingTable, builtin_table_path, load_table
+from cf3d_jax.workdir import Workdir
 
 
 MANIFEST_COLUMNS = ingest.MANIFEST_COLUMNS   # kept here for callers of the earlier API
@@ -28,10 +29,10 @@ read_manifest = ingest.read_manifest
 
 
 def data_paths(workdir: str) -> dict[str, str]:
-  data = os.path.join(workdir, "data")
-  return {"data": data, "records": os.path.join(data, "records"),
-          "table": os.path.join(data, "text_table.npz"),
-          "reference": os.path.join(data, "reference.npz")}
+  """{data, records, table, reference} paths of `workdir`; kept for callers of the earlier API
+  (use `Workdir(workdir)`)."""
+  wd = Workdir(workdir)
+  return {"data": wd.data, "records": wd.records, "table": wd.table, "reference": wd.reference}
 
 
 def phantom_classes(num_subjects: int, fractions, seed: int, dataset: str = "ms") -> list[str]:
@@ -105,33 +106,33 @@ def prepare(config, workdir: str, on_error: str = "fail") -> None:
   (finished shards stay staged for a resumed run); 'skip' records the row under `skipped` in
   dataset.json (and prints it in the closing summary) and goes on.
   """
-  paths = data_paths(workdir)
-  index_path = os.path.join(paths["records"], records.INDEX_NAME)
+  wd = Workdir(workdir)
+  index_path = os.path.join(wd.records, records.INDEX_NAME)
   if os.path.exists(index_path):
-    stored = records.load_index(paths["records"])["meta"].get("config")
-    fingerprint.check(stored, config, ("data",), paths["records"])
+    stored = records.load_index(wd.records)["meta"].get("config")
+    fingerprint.check(stored, config, ("data",), wd.records)
     changed = stored is not None and stored.get("text.table") != config.text.table
-    if changed and os.path.exists(paths["table"]):
-      os.remove(paths["table"])       # text.table change allowed: copy the new table below
-  os.makedirs(paths["data"], exist_ok=True)
-  prepare_table(config, paths["table"])
-  if config.data.source == "phantom" and not os.path.exists(paths["reference"]):
+    if changed and os.path.exists(wd.table):
+      os.remove(wd.table)       # text.table change allowed: copy the new table below
+  os.makedirs(wd.data, exist_ok=True)
+  prepare_table(config, wd.table)
+  if config.data.source == "phantom" and not os.path.exists(wd.reference):
     reference = phantoms.make_reference(tuple(config.data.shape), config.data.fov_mm)
-    phantoms.save_reference(reference, paths["reference"])
-  if os.path.exists(os.path.join(paths["records"], records.INDEX_NAME)):
-    logging.info("records already prepared in %s", paths["records"])
+    phantoms.save_reference(reference, wd.reference)
+  if os.path.exists(os.path.join(wd.records, records.INDEX_NAME)):
+    logging.info("records already prepared in %s", wd.records)
     return
   meta = {"source": config.data.source, "dataset": config.data.dataset,
           "shape": list(config.data.shape), "fov_mm": config.data.fov_mm,
           "classes": list(prompt_lib.CLASSES[config.data.dataset]),
           "config": fingerprint.record(config, "data")}
   if config.data.source == "phantom":
-    reference = phantoms.load_reference(paths["reference"])
+    reference = phantoms.load_reference(wd.reference)
     meta["affine"] = reference.affine.tolist()
-    index = records.write_dataset(paths["records"], _phantom_records(config, reference),
+    index = records.write_dataset(wd.records, _phantom_records(config, reference),
                                   config.data.records_per_shard, meta)
   else:
     meta["intensity_percentiles"] = list(config.data.intensity_percentiles)
-    index = ingest.ingest_manifest(config.data, paths["records"], on_error, meta)
-  logging.info("wrote %d records to %s (%d skipped)", len(index["records"]), paths["records"],
+    index = ingest.ingest_manifest(config.data, wd.records, on_error, meta)
+  logging.info("wrote %d records to %s (%d skipped)", len(index["records"]), wd.records,
                len(index["skipped"]))

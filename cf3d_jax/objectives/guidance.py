@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cf3d_jax.objectives import Objective
+
 # model_fn(z_t [N,...], t [N] float, text_emb [N,L,E], text_mask [N,L]) -> output [N,...]
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
@@ -56,7 +58,7 @@ def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jn
   return fn
 
 
-def _grid(objective, depth: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _grid(objective: Objective, depth: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
   """(times `[S']` descending, next times `[S']` ending at the objective's clean end): the last
   S' = max(1, round(depth·S)) steps of the sampler's grid (depth 1 = all of it)."""
   steps = np.asarray(objective.timesteps())
@@ -67,12 +69,12 @@ def _grid(objective, depth: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
   return jnp.asarray(steps[-keep:]), jnp.asarray(nxt[-keep:])
 
 
-def _bind(objective, model_fn: ModelFn, text_emb: jnp.ndarray, text_mask: jnp.ndarray):
+def _bind(objective: Objective, model_fn: ModelFn, text_emb: jnp.ndarray, text_mask: jnp.ndarray):
   """model_eval(z, t) with the text bound and t converted by `objective.model_time`."""
   return lambda z, t: model_fn(z, objective.model_time(t), text_emb, text_mask).astype(z.dtype)
 
 
-def sample_loop(objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jnp.ndarray,
+def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jnp.ndarray,
                 text_mask: jnp.ndarray, key: jax.Array,
                 clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
                 deterministic: bool = False, depth: float = 1.0,
@@ -115,7 +117,7 @@ def sample_loop(objective, model_fn: ModelFn, z_start: jnp.ndarray, text_emb: jn
   return z
 
 
-def invert_loop(objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,
+def invert_loop(objective: Objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,
                 text_mask: jnp.ndarray, refine_iters: int = 0, depth: float = 1.0,
                 trajectory: bool = False):
   """Deterministic inversion: clean z0 `[N, ...]` → the start noise that `sample_loop(...,

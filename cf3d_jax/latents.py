@@ -27,8 +27,8 @@ from absl import logging
 
 from cf3d_jax import spaces
 from cf3d_jax.data import pipeline, records
-from cf3d_jax.data.prepare import data_paths
 from cf3d_jax.errors import DataError
+from cf3d_jax.workdir import Workdir
 
 LATENT_STREAM = 4049   # offset of the posterior-draw key from config.seed
 COPIED_FIELDS = ("affine", "subject_id", "label", "clinical_value")
@@ -103,7 +103,7 @@ def _latent_records(config, image_dir: str, index: dict, encode, params, stats: 
 def prepare_latents(config, workdir: str) -> dict:
   """Writes `WORKDIR/data/latents/` (see the module docstring) unless already there; returns
   its index."""
-  paths = data_paths(workdir)
+  wd = Workdir(workdir)
   out = spaces.latents_dir(workdir)
   vae_path = spaces.autoencoder_path(config.space, workdir)
   model, params = spaces.load_autoencoder(config.space, workdir)
@@ -118,7 +118,7 @@ def prepare_latents(config, workdir: str) -> dict:
     logging.info("latents already prepared in %s (scale factor %.5g)", out,
                  done["meta"]["scale_factor"])
     return done
-  index = records.load_index(paths["records"])
+  index = records.load_index(wd.records)
   split = pipeline.split_subjects([r["subject_id"] for r in index["records"]], config.data.split,
                                   config.seed)
   stats = _Stats()
@@ -134,7 +134,7 @@ def prepare_latents(config, workdir: str) -> dict:
             "scale_factor": 1.0 / std, "scale_split": "train"}
 
   written = records.write_dataset(
-      out, _latent_records(config, paths["records"], index, make_encoder(model), params, stats,
+      out, _latent_records(config, wd.records, index, make_encoder(model), params, stats,
                            set(split["train"])),
       config.data.records_per_shard, meta)
   logging.info("wrote %d latent records %s to %s; scale factor %.5g",
