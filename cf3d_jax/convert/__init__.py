@@ -26,7 +26,7 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,39 @@ def to_numpy(value: Any, key: str, source: str) -> np.ndarray:
   if value.dtype.name == 'bfloat16':  # ml_dtypes' bfloat16 (e.g. from safetensors)
     value = value.astype(np.float32)
   return value
+
+
+def listing(items: list[str], limit: int = 8, sep: str = ', ') -> str:
+  """Up to `limit` items joined by `sep`, then the number left out (for error messages)."""
+  shown = sep.join(items[:limit])
+  return shown + (f'{sep}… ({len(items) - limit} more)' if len(items) > limit else '')
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any], what: str, error: type[Exception],
+                        ignore: Callable[[str], bool] = lambda key: False) -> dict[str, Any]:
+  """`state_dict` with DataParallel's 'module.' prefix removed and the keys `ignore` names
+  dropped; `error` naming `what` when a key appears both with and without the prefix."""
+  found: dict[str, Any] = {}
+  for raw_key, value in state_dict.items():
+    key = raw_key[len('module.'):] if raw_key.startswith('module.') else raw_key
+    if ignore(key):
+      continue
+    if key in found:
+      raise error(f"{what} holds {key!r} twice (with and without the 'module.' prefix).")
+    found[key] = value
+  return found
+
+
+def key_mismatch(expected: Iterable[str], found: Iterable[str]) -> list[str]:
+  """'N missing keys (…)' / 'M unexpected keys (…)' for the keys that differ; [] when equal."""
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected))
+  parts = []
+  if missing:
+    parts.append(f'{len(missing)} missing keys ({listing(missing)})')
+  if unexpected:
+    parts.append(f'{len(unexpected)} unexpected keys ({listing(unexpected)})')
+  return parts
 
 
 def _is_array(value: Any) -> bool:

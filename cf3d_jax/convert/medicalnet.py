@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from cf3d_jax.convert import Converter
+from cf3d_jax.convert import Converter, key_mismatch, strip_module_prefix
 from cf3d_jax.errors import DataError
 from cf3d_jax.models import resnet3d
 
@@ -58,12 +58,6 @@ def _expected_torch_keys(
   return expected
 
 
-def _listing(keys: list[str], limit: int = 8) -> str:
-  """Up to `limit` keys, then the number left out."""
-  shown = ', '.join(keys[:limit])
-  return shown + (f', … ({len(keys) - limit} more)' if len(keys) > limit else '')
-
-
 def convert_medicalnet_state_dict(state_dict: Mapping[str, Any], depth: int,
                                   shortcut_type: str | None = None) -> dict[str, Any]:
   """MedicalNet PyTorch state dict → flax variables `{'params': …, 'batch_stats': …}`.
@@ -85,25 +79,14 @@ def convert_medicalnet_state_dict(state_dict: Mapping[str, Any], depth: int,
   """
   shortcut = resnet3d.resolve_shortcut(depth, shortcut_type)
   expected = _expected_torch_keys(depth, shortcut)
-  found: dict[str, Any] = {}
-  for raw_key, value in state_dict.items():
-    key = raw_key[len('module.'):] if raw_key.startswith('module.') else raw_key
-    if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
-      continue
-    if key in found:
-      raise MedicalNetCheckpointError(f'MedicalNet state dict holds {key!r} twice (with and '
-                                      "without the 'module.' prefix).")
-    found[key] = value
-  missing = sorted(set(expected) - set(found))
-  unexpected = sorted(set(found) - set(expected))
-  if missing or unexpected:
+  found = strip_module_prefix(
+      state_dict, 'MedicalNet state dict', MedicalNetCheckpointError,
+      ignore=lambda key: key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES))
+  mismatch = key_mismatch(expected, found)
+  if mismatch:
     parts = [f'MedicalNet state dict does not match resnet{depth} with shortcut '
-             f'{shortcut!r}:']
-    if missing:
-      parts.append(f'{len(missing)} missing keys ({_listing(missing)})')
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected keys ({_listing(unexpected)})')
-    if any('.downsample.' in k for k in missing + unexpected):
+             f'{shortcut!r}:', *mismatch]
+    if any('.downsample.' in k for k in set(expected) ^ set(found)):
       other = 'A' if shortcut == 'B' else 'B'
       parts.append(f'(the downsample keys suggest shortcut_type={other!r})')
     raise MedicalNetCheckpointError(' '.join(parts))

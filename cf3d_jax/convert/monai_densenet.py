@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cf3d_jax.convert import key_mismatch, listing, strip_module_prefix
 from cf3d_jax.errors import DataError
 from cf3d_jax.models.densenet3d import abstract_variables, build_densenet121
 
@@ -68,12 +69,6 @@ def _expected_torch_keys(num_classes: int,
   return expected
 
 
-def _listing(items: list[str], limit: int = 8, sep: str = ', ') -> str:
-  """Up to `limit` items joined by `sep`, then the number left out."""
-  shown = sep.join(items[:limit])
-  return shown + (f'{sep}… ({len(items) - limit} more)' if len(items) > limit else '')
-
-
 def _shape_hint(key: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
   """A suggestion when a mismatch is explained by num_classes or in_channels."""
   if key.startswith('class_layers.out.') and shape[1:] == expected[1:] and shape:
@@ -103,23 +98,12 @@ def convert_monai_densenet_state_dict(state_dict: Mapping[str, Any], num_classes
   """
   build_densenet121(num_classes, in_channels)  # validates the settings
   expected = _expected_torch_keys(int(num_classes), int(in_channels))
-  found: dict[str, Any] = {}
-  for raw_key, value in state_dict.items():
-    key = raw_key[len('module.'):] if raw_key.startswith('module.') else raw_key
-    if key.endswith(_IGNORED_SUFFIXES):
-      continue
-    if key in found:
-      raise MonaiDenseNetCheckpointError(f'MONAI DenseNet state dict holds {key!r} twice (with '
-                                         "and without the 'module.' prefix).")
-    found[key] = value
-  missing = sorted(set(expected) - set(found))
-  unexpected = sorted(set(found) - set(expected))
-  if missing or unexpected:
-    parts = ['MONAI DenseNet state dict does not match DenseNet121(spatial_dims=3):']
-    if missing:
-      parts.append(f'{len(missing)} missing keys ({_listing(missing)})')
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected keys ({_listing(unexpected)})')
+  found = strip_module_prefix(state_dict, 'MONAI DenseNet state dict',
+                              MonaiDenseNetCheckpointError,
+                              ignore=lambda key: key.endswith(_IGNORED_SUFFIXES))
+  mismatch = key_mismatch(expected, found)
+  if mismatch:
+    parts = ['MONAI DenseNet state dict does not match DenseNet121(spatial_dims=3):', *mismatch]
     raise MonaiDenseNetCheckpointError(' '.join(parts))
   values = {key: np.asarray(found[key], np.float32) for key in expected}
   wrong = [f'{key!r} has shape {values[key].shape}, expected {shape}'
@@ -129,7 +113,7 @@ def convert_monai_densenet_state_dict(state_dict: Mapping[str, Any], num_classes
     raise MonaiDenseNetCheckpointError(
         f'MONAI DenseNet state dict does not fit DenseNet121(spatial_dims=3, in_channels='
         f'{in_channels}, out_channels={num_classes}): {len(wrong)} entries with the wrong '
-        f'shape: {_listing(wrong, limit=4, sep="; ")}.')
+        f'shape: {listing(wrong, limit=4, sep="; ")}.')
   flat: dict[str, dict[tuple[str, ...], Array]] = {'params': {}, 'batch_stats': {}}
   for key, (collection, path, _) in expected.items():
     value = values[key]
