@@ -166,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
                       "Subject has high lesion load.")   # first = the factual reference
   c.sample.guidance_scales = (1.0,)           # CFG w: out = u + w (c − u); 1 = conditional only
   c.sample.guidance_interval = (0.0, 1.0)     # CFG only where t/T lies in [lo, hi] (1 = pure noise); elsewhere w = 1
+  c.sample.guidance_rescale = 0.0             # φ of guidance rescale (Lin et al. 2024): pull the guided output back to the conditional one's std; 0 = off
   c.sample.guidance_negative = "null"         # what a prompt is guided against: 'null' = the null text (CFG, the paper's); 'factual' = against the factual prompt A (contrastive: out_A + w (out_B − out_A); the factual is out_A at every w)
   c.sample.num_subjects = 8                   # K fixed noises
   c.sample.batch_size = 8                     # volumes per sampler call

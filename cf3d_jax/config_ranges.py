@@ -196,6 +196,7 @@ RANGES: dict[str, Rule] = {
     "sample.prompts": _seq(_NONEMPTY_TEXT, min_len=1),
     "sample.guidance_scales": _seq(_NONNEG, min_len=1),
     "sample.guidance_interval": _seq(_num(0, 1), length=2),
+    "sample.guidance_rescale": _num(0, 1),
     "sample.guidance_negative": _one_of("null", "factual"),
     "sample.num_subjects": _POS_INT,
     "sample.batch_size": _POS_INT,

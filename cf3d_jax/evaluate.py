@@ -106,7 +106,8 @@ def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray
                   key=jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), batch_size=bsz,
                   negative=config.sample.guidance_negative, desc="evaluate",
                   sampler_for=sampler_on_mesh(gen, bsz, "eval.batch_size",
-                                              config.sample.guidance_interval))
+                                              config.sample.guidance_interval,
+                                              config.sample.guidance_rescale))
 
 
 def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: list[str]

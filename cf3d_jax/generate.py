@@ -57,7 +57,8 @@ def _on_mesh(jitted, space: Space, mesh, rules):
 def make_sampler(model, objective: Objective, space: Space, scale: float, null_emb, null_mask,
                  deterministic: bool = False, depth: float = 1.0, mesh=None,
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
-                 interval: tuple[float, float] = (0.0, 1.0), edit_masks=None):
+                 interval: tuple[float, float] = (0.0, 1.0), edit_masks=None,
+                 rescale: float = 0.0):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
 
   The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
@@ -65,7 +66,8 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   (`null_emb [L,E]`, `null_mask [L]`) for every item, the paper's classifier-free guidance.
 
   deterministic: use the objective's ODE step whatever sampler is configured (after inversion).
-  interval: the guidance interval (fractions of T, `guidance.guided`).
+  interval: the guidance interval (fractions of T, `guidance.guided`); rescale: the guidance
+  rescale φ (`guidance.rescale_guided`; 0 = plain guidance).
   edit_masks `(mask_z [1, d, h, w, 1], mask_img [1, D, H, W, 1])` (`edit_masks`): blended
   editing of given scans; the sampler then takes `known` `[B, S', ...]` (the inversion
   trajectory, batch first) and the input images `[B, D, H, W, 1]` after the key, follows the
@@ -87,7 +89,7 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
       known = jnp.swapaxes(known, 0, 1)                  # [S', B, ...] for the scan
     key = jax.random.wrap_key_data(key_data)
     sp = sp_placed.with_params(space_params)
-    fn = guided(model_fn, scale, neg_emb, neg_mask, interval, objective.num_train_steps)
+    fn = guided(model_fn, scale, neg_emb, neg_mask, interval, objective.num_train_steps, rescale)
     # Images live in [-1, 1]: the last clamp removes the inverse transform's rounding (±1e-7).
     x = jnp.clip(sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
                                        deterministic=deterministic, depth=depth, known=known,
@@ -182,13 +184,14 @@ def mesh_kwargs(gen: Generator, batch_size: int, key: str) -> dict:
 
 
 def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
-                    interval: Sequence[float] = (0.0, 1.0)) -> Callable[[float], Callable]:
+                    interval: Sequence[float] = (0.0, 1.0),
+                    rescale: float = 0.0) -> Callable[[float], Callable]:
   """scale → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
-  `interval`; ConfigError naming `key` (e.g. 'sample.batch_size') if `batch_size` does not
+  `interval` with guidance rescale φ = `rescale`; ConfigError naming `key` (e.g. 'sample.batch_size') if `batch_size` does not
   split over the mesh."""
   on_mesh = mesh_kwargs(gen, batch_size, key)
   return lambda scale: make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
-                                    interval=tuple(interval), **on_mesh)
+                                    interval=tuple(interval), rescale=float(rescale), **on_mesh)
 
 
 def batched(fn: Callable, n: int, batch_size: int, *arrays, desc: str | None = None):

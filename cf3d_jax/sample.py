@@ -149,7 +149,8 @@ def _guidance_record(config, factual: str) -> dict:
                       f"{factual} (the factual itself: the conditional model at every w)"
                       if contrastive else
                       "out = out_null + w (out_prompt − out_null) (classifier-free guidance)"),
-          "interval": [float(v) for v in config.sample.guidance_interval]}
+          "interval": [float(v) for v in config.sample.guidance_interval],
+          "rescale": float(config.sample.guidance_rescale)}
 
 
 def prompt_file_names(prompts: Sequence[str]) -> list[str]:
@@ -195,7 +196,8 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   out_dir = Workdir(workdir).samples
   names = prompt_file_names(prompts)
   entries = []
-  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval)
+  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
+                                config.sample.guidance_rescale)
   with output_folder(out_dir) as tmp_dir:   # None on processes that do not write
     for scale, x in generate(gen, range(config.sample.num_subjects), emb, mask,
                              config.sample.guidance_scales, noise_seed=config.seed,
@@ -384,7 +386,8 @@ def sample_from_sources(config, workdir: str) -> dict:
     for scale in config.sample.guidance_scales:
       run = make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
                          deterministic=True, depth=depth, edit_masks=masks,
-                         interval=tuple(config.sample.guidance_interval), **on_mesh)
+                         interval=tuple(config.sample.guidance_interval),
+                         rescale=float(config.sample.guidance_rescale), **on_mesh)
       neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
                                         f_emb[ks], f_mask[ks], gen.null)
       if masks is None:

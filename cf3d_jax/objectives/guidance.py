@@ -8,6 +8,12 @@ unconditional model. The conditional and null passes run as ONE batched forward 
 The "null" branch may be any text per item (contrastive guidance): with the factual prompt A as
 the negative of a counterfactual prompt B, `out = out_A + w (out_B − out_A)` extrapolates along
 the direction that separates the two prompts, instead of along prompt-vs-nothing.
+
+Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+Flawed", §3.4; diffusers' `rescale_noise_cfg`): with φ > 0 the guided output is pulled back to
+the conditional output's per-item standard deviation, `out ← φ·out·std(cond)/std(out) +
+(1 − φ)·out`, which undoes the over-exposure a large w adds everywhere while keeping the
+direction it adds.
 """
 
 from __future__ import annotations
@@ -24,8 +30,26 @@ from cf3d_jax.objectives import Objective
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
+def rescale_guided(out: jnp.ndarray, cond: jnp.ndarray, phi: float) -> jnp.ndarray:
+  """Guidance rescale: `out`, `cond` `[N, ...]` (guided and conditional outputs) → `[N, ...]`.
+
+  Each item of `out` scaled to the standard deviation (over all but the batch axis, ddof = 1 as
+  torch's `std`) of its conditional output, mixed back by φ ∈ [0, 1] (0 = `out` unchanged).
+  """
+  if not 0.0 <= phi <= 1.0:
+    raise ValueError(f"guidance rescale {phi}: expected a fraction in [0, 1]")
+  if phi == 0.0:
+    return out
+  axes = tuple(range(1, out.ndim))
+  o32, c32 = out.astype(jnp.float32), cond.astype(jnp.float32)
+  ratio = jnp.std(c32, axis=axes, keepdims=True, ddof=1) / jnp.maximum(
+      jnp.std(o32, axis=axes, keepdims=True, ddof=1), 1e-12)
+  return (phi * o32 * ratio + (1.0 - phi) * o32).astype(out.dtype)
+
+
 def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jnp.ndarray,
-           interval: tuple[float, float] = (0.0, 1.0), num_train_steps: int = 1000) -> ModelFn:
+           interval: tuple[float, float] = (0.0, 1.0), num_train_steps: int = 1000,
+           rescale: float = 0.0) -> ModelFn:
   """Wraps `model_fn` with CFG at a static `scale`.
 
   null_emb `[L, E]` and null_mask `[L]` (the null text, the same for every item), or `[N, L, E]`
@@ -34,9 +58,13 @@ def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jn
   interval `(lo, hi)`: guidance acts only where the model time t lies in [lo·T, hi·T]
   (T = `num_train_steps`; t = T is pure noise), elsewhere the conditional output is used
   (w = 1) — Kynkäänniemi et al. 2024's guidance interval. (0, 1) = every step.
+
+  rescale: φ of `rescale_guided` (0 = plain CFG; module docstring).
   """
   if scale == 1.0:
     return model_fn
+  if not 0.0 <= rescale <= 1.0:
+    raise ValueError(f"guidance rescale {rescale}: expected a fraction in [0, 1]")
   lo, hi = (float(v) for v in interval)
   if not 0.0 <= lo <= hi <= 1.0:
     raise ValueError(f"guidance interval {interval}: expected 0 <= lo <= hi <= 1")
@@ -50,10 +78,11 @@ def guided(model_fn: ModelFn, scale: float, null_emb: jnp.ndarray, null_mask: jn
                    jnp.concatenate([text_emb, null_e]), jnp.concatenate([text_mask, null_m]))
     cond, uncond = out[:n], out[n:]
     if everywhere:
-      return uncond + scale * (cond - uncond)
+      return rescale_guided(uncond + scale * (cond - uncond), cond, rescale)
     frac = t.astype(jnp.float32) / num_train_steps
     w = jnp.where((frac >= lo) & (frac <= hi), scale, 1.0)
-    return uncond + w.reshape((n,) + (1,) * (cond.ndim - 1)).astype(cond.dtype) * (cond - uncond)
+    out = uncond + w.reshape((n,) + (1,) * (cond.ndim - 1)).astype(cond.dtype) * (cond - uncond)
+    return rescale_guided(out, cond, rescale)
 
   return fn
 

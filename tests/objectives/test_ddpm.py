@@ -149,6 +149,45 @@ def test_guidance_takes_a_negative_text_per_item():
   np.testing.assert_allclose(out[:, 0, 0, 0, 0], [2.0 + 3.0 * 3.0, 4.0 + 3.0 * 1.0])
 
 
+def test_guidance_rescale_matches_diffusers_rescale_noise_cfg():
+  """φ-mix of the guided output rescaled to the conditional std, as diffusers computes it."""
+  torch = pytest.importorskip("torch")
+  sd = pytest.importorskip("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+  rng = np.random.default_rng(0)
+  cond = rng.normal(size=(3, 4, 4, 4, 8)).astype(np.float32)
+  out = (3.0 * cond + rng.normal(size=cond.shape)).astype(np.float32)
+  for phi in (0.0, 0.3, 0.7, 1.0):
+    ref = sd.rescale_noise_cfg(torch.from_numpy(out), torch.from_numpy(cond), guidance_rescale=phi)
+    got = guidance.rescale_guided(jnp.asarray(out), jnp.asarray(cond), phi)
+    np.testing.assert_allclose(np.asarray(got), ref.numpy(), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="rescale"):
+    guidance.rescale_guided(jnp.asarray(out), jnp.asarray(cond), 1.5)
+
+
+def test_guided_rescale_keeps_the_conditional_std_where_guidance_acts():
+  """φ = 1: every guided item has its conditional output's std; outside the interval the
+  conditional output itself comes back."""
+  rng = np.random.default_rng(1)
+  table = jnp.asarray(rng.normal(size=(2, 2, 2, 2, 1)), jnp.float32)
+
+  def model_fn(z, t, emb, mask):   # output depends on the text: 0 = null, 1 = prompt
+    return z + table[emb[:, 0, 0].astype(jnp.int32)]
+
+  z = jnp.asarray(rng.normal(size=(2, 2, 2, 2, 1)), jnp.float32)
+  emb, msk = jnp.ones((2, 1, 1)), jnp.ones((2, 1), bool)
+  null, null_m = jnp.zeros((1, 1)), jnp.ones((1,), bool)
+  cond = model_fn(z, None, emb, msk)
+  fn = guidance.guided(model_fn, 7.0, null, null_m, interval=(0.0, 0.5), num_train_steps=10,
+                       rescale=1.0)
+  inside = fn(z, jnp.asarray([2, 2]), emb, msk)
+  np.testing.assert_allclose(np.std(np.asarray(inside), axis=(1, 2, 3, 4), ddof=1),
+                             np.std(np.asarray(cond), axis=(1, 2, 3, 4), ddof=1), rtol=1e-5)
+  plain = guidance.guided(model_fn, 7.0, null, null_m, interval=(0.0, 0.5), num_train_steps=10)
+  assert not np.allclose(np.asarray(inside), np.asarray(plain(z, jnp.asarray([2, 2]), emb, msk)))
+  outside = fn(z, jnp.asarray([8, 8]), emb, msk)
+  np.testing.assert_allclose(np.asarray(outside), np.asarray(cond), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_config_values_name_the_key():
   with pytest.raises(ConfigError, match="config.objective.prediction"):
     make_objective(_cfg(prediction="score"))
