@@ -239,19 +239,40 @@ def get_key(c: ml_collections.ConfigDict, dotted: str) -> Any:
   return c
 
 
-def check_ranges(c: ml_collections.ConfigDict) -> None:
-  """Every key of `c` that `RANGES` knows in its range; ConfigError naming each key outside it."""
+def _problems(items) -> list[str]:
+  """'config.KEY=VALUE: expected …' for each (key, value) outside its `RANGES` rule."""
   problems = []
-  for key, (ok, expected) in RANGES.items():
-    try:
-      value = get_key(c, key)
-    except (KeyError, AttributeError):
-      continue                                 # a config built without this section
+  for key, value in items:
+    ok, expected = RANGES[key]
     try:
       good = bool(ok(value))
     except (TypeError, ValueError):
       good = False
     if not good:
       problems.append(f"config.{key}={value!r}: expected {expected}")
+  return problems
+
+
+def _raise(problems: list[str]) -> None:
   if problems:
     raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+  """Every key of `c` that `RANGES` knows in its range; ConfigError naming each key outside it."""
+  items = []
+  for key in RANGES:
+    try:
+      items.append((key, get_key(c, key)))
+    except (KeyError, AttributeError):
+      continue                                 # a config built without this section
+  _raise(_problems(items))
+
+
+def check_section(values, section: str) -> None:
+  """The keys of one section (`values`: `config.<section>` as a mapping) in their `RANGES`
+  range; keys it lacks are skipped. For builders called without a whole config
+  (`objectives.make_objective`); `check_ranges` covers every section."""
+  prefix = section + "."
+  _raise(_problems((key, values[key[len(prefix):]]) for key in RANGES
+                   if key.startswith(prefix) and key[len(prefix):] in values))
