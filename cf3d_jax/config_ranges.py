@@ -48,7 +48,12 @@ def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fa
 
 
 def _one_of(*values) -> Rule:
-  return (lambda v: v in values), "one of " + ", ".join(repr(x) for x in values)
+  """One of `values` (kept as the predicate's `names`, checked against the registries by
+  tests/test_validation.py)."""
+  def ok(v) -> bool:
+    return v in values
+  ok.names = values
+  return ok, "one of " + ", ".join(repr(x) for x in values)
 
 
 def _seq(rule: Rule, min_len: int = 0, length: int | None = None) -> Rule:
