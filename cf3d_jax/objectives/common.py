@@ -66,6 +66,16 @@ def family_default(value: str, default: str) -> str:
   return default if value == "default" else value
 
 
+def no_preconditioning(obj, out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+  """preconditioning='none': the network output is the prediction."""
+  return out
+
+
+def no_weight(obj, t: jnp.ndarray | None, like: jnp.ndarray) -> None:
+  """loss_weighting='none': no weight (t may be None)."""
+  return None
+
+
 def per_example_loss(prediction: jnp.ndarray, target: jnp.ndarray, error_fn: ErrorFn,
                      weight: jnp.ndarray | None = None) -> jnp.ndarray:
   """Mean of `error_fn(prediction − target)` (`LOSSES`: squared or absolute) over all but the

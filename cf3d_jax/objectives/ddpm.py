@@ -37,7 +37,8 @@ import numpy as np
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval,
                                         check_loss_weighting, check_snr_range, choose,
-                                        family_default, objective_settings, per_example_loss,
+                                        family_default, no_preconditioning, no_weight,
+                                        objective_settings, per_example_loss,
                                         sigma_data_array, sigma_data_from_settings)
 
 DEFAULT_SAMPLE_STEPS = 25   # WDM's DDIM 25
@@ -103,10 +104,6 @@ PREDICTIONS: dict[str, Parameterisation] = {
 
 
 # ---- preconditioning, loss weighting, ancestral variance (functions of the objective) -------
-def _no_preconditioning(obj: "DDPM", out, z_t, t):
-  return out
-
-
 def _skip_preconditioning(obj: "DDPM", out, z_t, t):
   """`x0 = c_skip z_t + c_out F` (the optimal linear denoiser plus the network's residual)."""
   ab = jnp.asarray(obj.alpha_bar, jnp.float32)
@@ -116,11 +113,7 @@ def _skip_preconditioning(obj: "DDPM", out, z_t, t):
   return (a * sd ** 2 / var) * z_t + (sd * s / jnp.sqrt(var)) * out
 
 
-PRECONDITIONINGS = {"none": _no_preconditioning, "skip": _skip_preconditioning}
-
-
-def _no_weight(obj: "DDPM", t, like) -> None:
-  return None
+PRECONDITIONINGS = {"none": no_preconditioning, "skip": _skip_preconditioning}
 
 
 def _min_snr_weight(obj: "DDPM", t, like):
@@ -136,7 +129,7 @@ def _edm_weight(obj: "DDPM", t, like):
   return (a ** 2 * sd ** 2 + s ** 2) / (sd * s) ** 2
 
 
-LOSS_WEIGHTS = {"none": _no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
+LOSS_WEIGHTS = {"none": no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
 
 # Variance of the ancestral step from (ᾱ_t, ᾱ', β) (see `DDPM.posterior`).
 VARIANCES = {

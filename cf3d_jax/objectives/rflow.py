@@ -35,7 +35,8 @@ import numpy as np
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval, bcast,
                                         check_loss_weighting, check_snr_range, choose,
-                                        family_default, objective_settings, per_example_loss,
+                                        family_default, no_preconditioning, no_weight,
+                                        objective_settings, per_example_loss,
                                         sigma_data_array, sigma_data_from_settings)
 
 DEFAULT_SAMPLE_STEPS = 30   # MAISI RFlow inference
@@ -75,10 +76,6 @@ TIME_SAMPLINGS = {
 }
 
 
-def _no_preconditioning(obj: "RectifiedFlow", out, z_t, t):
-  return out
-
-
 def _skip_preconditioning(obj: "RectifiedFlow", out, z_t, t):
   """`v̂ = c_skip z_t + c_out F` (the optimal linear predictor of v plus the network's part)."""
   s, sd = obj._s(t, z_t), sigma_data_array(obj.sigma_data, z_t)
@@ -86,11 +83,7 @@ def _skip_preconditioning(obj: "RectifiedFlow", out, z_t, t):
   return ((1 - s) * sd ** 2 - s) / var * z_t + (sd / jnp.sqrt(var)) * out
 
 
-PRECONDITIONINGS = {"none": _no_preconditioning, "skip": _skip_preconditioning}
-
-
-def _no_weight(obj: "RectifiedFlow", t, like) -> None:
-  return None
+PRECONDITIONINGS = {"none": no_preconditioning, "skip": _skip_preconditioning}
 
 
 def _min_snr_weight(obj: "RectifiedFlow", t, like):
@@ -104,7 +97,7 @@ def _edm_weight(obj: "RectifiedFlow", t, like):
   return ((1 - s) ** 2 * sd ** 2 + s ** 2) / sd ** 2
 
 
-LOSS_WEIGHTS = {"none": _no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
+LOSS_WEIGHTS = {"none": no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
 
 
 @dataclasses.dataclass(frozen=True)
