@@ -1,5 +1,5 @@
-"""The allowed range of every config key: `RANGES`, checked by `check_ranges` (from
-`config_base.validate`) and shown in docs/configs.md's *allowed* column.
+"""The allowed range of every config key: `RANGES`, checked by `check_ranges` (the first group
+of the validation pass, `cf3d_jax.validation`) and shown in docs/configs.md's *allowed* column.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 from cf3d_jax.errors import ConfigError
 
 # A rule is (predicate on the value, what is expected). Cross-key conditions (lengths that must
-# match, divisibility) are checked in `config_base.validate` after every key is in its own range.
+# match, divisibility) and names against the registries are checked in `cf3d_jax.validation`
+# after every key is in its own range.
 Rule = tuple[Callable[[Any], bool], str]
 
 
