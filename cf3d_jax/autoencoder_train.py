@@ -118,7 +118,9 @@ def _check(cond: bool, key: str, value, expected: str) -> None:
 
 
 def check_config(config) -> None:
-  """Checks of `config.autoencoder` against the data (`validate` checks the keys alone)."""
+  """Checks of `config.autoencoder` against the data, ConfigError naming the key: the
+  validation pass runs them for --mode=train_autoencoder only (`cf3d_jax.validation`; the keys
+  alone are checked for every mode)."""
   ac = config.autoencoder
   shape = tuple(int(s) for s in config.data.shape)
   factor = 2 ** (len(ac.channels) - 1)
@@ -390,8 +392,7 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
   """Trains to `config.autoencoder.num_steps` (resuming from its checkpoints), exports
   `WORKDIR/autoencoder/vae` and writes `metrics.json`; returns the metrics."""
   # ---- config and logging ------------------------------------------------------------------
-  config_base.validate(config)
-  check_config(config)
+  config_base.validate(config, "train_autoencoder")   # with check_config; once per config
   if jax.process_count() > 1:
     raise Cf3dError("--mode=train_autoencoder runs in one process; start it without "
                     "jax.distributed (--distributed=off)")

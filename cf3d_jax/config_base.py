@@ -2,7 +2,8 @@
 
 Configs are `ml_collections.ConfigDict`s, locked by the CLI (`config_flags`, lock_config=True),
 so a misspelt override (`--config.train.num_step=…`) is an error naming the key. `validate`
-checks values the type system cannot (names, ranges, shapes) and raises ConfigError naming the key.
+(the one pass, `cf3d_jax.validation`) checks values the type system cannot (names, ranges,
+shapes) and raises ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 
 import ml_collections
 
-from cf3d_jax.config_ranges import check_ranges, get_key
 from cf3d_jax.errors import ConfigError
 
 
@@ -303,119 +303,8 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return module.get_config(arg)
 
 
-def _check(cond: bool, key: str, value, expected: str) -> None:
-  if not cond:
-    raise ConfigError(f"config.{key}={value!r}: expected {expected}")
-
-
-def _has_key(c: ml_collections.ConfigDict, dotted: str) -> bool:
-  try:
-    get_key(c, dotted)
-  except (KeyError, AttributeError, TypeError):
-    return False
-  return True
-
-
-# Modes that build the diffusion U-Net on config.data.shape (others, e.g. the autoencoder's
-# configs, may use a grid the default U-Net cannot take).
-DIFFUSION_MODES = ("train", "sample", "all", "evaluate")
-
-
 def validate(c: ml_collections.ConfigDict, mode: str | None = None) -> None:
-  """Raises ConfigError naming the key for values outside what the code supports.
-
-  One pass before any mode writes anything: every key in its range (`config_ranges.RANGES`,
-  shown in docs/configs.md), then the conditions between keys (manifest given with its source, list
-  lengths per U-Net level, the objective buildable from its keys) and, for a `mode` among
-  DIFFUSION_MODES, data.shape divisible by what the space and the U-Net need.
-  """
-  check_ranges(c)
-  if c.data.manifest and c.data.source != "manifest":
-    raise ConfigError(f"config.data.manifest={c.data.manifest!r} is set but "
-                      f"config.data.source={c.data.source!r}: add --config.data.source=manifest "
-                      "to prepare from the manifest, or leave data.manifest empty for phantoms")
-  _check(c.data.source != "manifest" or bool(c.data.manifest), "data.manifest", c.data.manifest,
-         "a CSV path when data.source='manifest'")
-  _check(abs(sum(c.data.split) - 1) < 1e-6, "data.split", c.data.split,
-         "three fractions summing to 1")
-  _check(abs(sum(c.data.class_fractions) - 1) < 1e-6, "data.class_fractions",
-         c.data.class_fractions, "fractions summing to 1")
-  _check(len(set(c.data.augment.flip_axes)) == len(c.data.augment.flip_axes),
-         "data.augment.flip_axes", c.data.augment.flip_axes, "distinct axes among 0, 1, 2")
-  lo, hi = c.data.intensity_percentiles
-  _check(lo < hi, "data.intensity_percentiles", c.data.intensity_percentiles, "(lo, hi), lo < hi")
-  lo, hi = c.data.phantom.lesion_radius_mm
-  _check(lo <= hi, "data.phantom.lesion_radius_mm", c.data.phantom.lesion_radius_mm,
-         "(lo, hi), lo <= hi")
-  horizon = c.train.lr_decay_steps or c.train.num_steps
-  _check(c.train.lr_schedule != "cosine" or horizon > c.train.warmup_steps,
-         "train.lr_decay_steps", c.train.lr_decay_steps,
-         f"> train.warmup_steps ({c.train.warmup_steps}) for the cosine schedule "
-         f"(0 = train.num_steps = {c.train.num_steps})")
-  unknown = [k for k in c.train.allow_config_change if not _has_key(c, k)]
-  _check(not unknown, "train.allow_config_change", tuple(c.train.allow_config_change),
-         f"dotted config keys (unknown: {unknown})")
-  if c.space.name == "latent":
-    _check(c.model.out_channels == c.space.latent_channels, "model.out_channels",
-           c.model.out_channels, f"= space.latent_channels ({c.space.latent_channels})")
-  _check(c.objective.beta_start <= c.objective.beta_end, "objective.beta_end",
-         c.objective.beta_end, f">= objective.beta_start ({c.objective.beta_start})")
-  _check(c.objective.num_sample_steps <= c.objective.num_train_steps,
-         "objective.num_sample_steps", c.objective.num_sample_steps,
-         f"<= objective.num_train_steps ({c.objective.num_train_steps}); 0 = the default")
-  channels = tuple(c.objective.sigma_data_channels)
-  _check(not channels or len(channels) == c.model.out_channels, "objective.sigma_data_channels",
-         channels, f"() or one value per diffused channel (model.out_channels = "
-         f"{c.model.out_channels})")
-  lo, hi = c.sample.guidance_interval
-  _check(lo <= hi, "sample.guidance_interval", c.sample.guidance_interval,
-         "(lo, hi) with 0 <= lo <= hi <= 1")
-  levels = len(c.model.channel_mult)
-  for key in ("attention_levels", "cross_attention_levels", "dropout_levels"):
-    _check(len(c.model[key]) == levels, f"model.{key}", c.model[key],
-           f"one entry per channel_mult level ({levels})")
-  remat = tuple(c.model.get("remat_levels", ()))
-  _check(not remat or len(remat) == levels, "model.remat_levels", remat,
-         f"() or one entry per channel_mult level ({levels})")
-  for mult in (1,) + tuple(c.model.channel_mult):
-    _check((mult * c.model.base_channels) % c.model.num_groups == 0, "model.num_groups",
-           c.model.num_groups, f"a divisor of every U-Net width (base_channels="
-           f"{c.model.base_channels} × channel_mult {tuple(c.model.channel_mult)})")
-  if mode in DIFFUSION_MODES:
-    _check_unet_grid(c)
-  from cf3d_jax import parallel
-  parallel.rules_from_config(c.mesh)          # ConfigError naming config.mesh.rules
-  from cf3d_jax.objectives import make_objective
-  from cf3d_jax.spaces import make_space
-  make_objective(c.objective, make_space(c.space).latent_shape(tuple(c.data.shape)))
-  _validate_autoencoder(c)
-
-
-def _check_unet_grid(c: ml_collections.ConfigDict) -> None:
-  """data.shape divisible by the space's factor × the U-Net's downsampling (ConfigError)."""
-  levels = len(c.model.channel_mult)
-  per_axis = (2 if c.space.name == "wavelet" else c.space.downsample) * 2 ** (levels - 1)
-  what = ("2 (Haar)" if c.space.name == "wavelet" else
-          f"space.downsample={c.space.downsample}") + f" × 2**(len(model.channel_mult) - 1)"
-  _check(all(int(s) % per_axis == 0 for s in c.data.shape), "data.shape", tuple(c.data.shape),
-         f"sides divisible by {per_axis} = {what}")
-
-
-# ---- config.autoencoder (--mode=train_autoencoder); checks against config.data.shape run in
-# ---- autoencoder_train.check_config, so other modes never fail on the autoencoder's patch size.
-def _validate_autoencoder(c: ml_collections.ConfigDict) -> None:
-  """The `config.autoencoder` keys between themselves (ranges: `config_ranges.RANGES`)."""
-  if "autoencoder" not in c:
-    return
-  a = c.autoencoder
-  groups = a.norm_num_groups
-  _check(all(int(ch) % groups == 0 for ch in a.channels), "autoencoder.channels", a.channels,
-         f"at least one width, each a positive multiple of norm_num_groups={groups}")
-  _check(len(a.num_res_blocks) == len(a.channels), "autoencoder.num_res_blocks",
-         a.num_res_blocks, f"one count >= 0 per level of autoencoder.channels ({len(a.channels)})")
-  factor = 2 ** (len(a.channels) - 1)
-  for key in ("patch_shape", "eval_shape"):
-    shape = tuple(a[key])
-    _check(not shape or (len(shape) == 3 and all(int(s) % factor == 0 for s in shape)),
-           f"autoencoder.{key}", shape,
-           f"() or three positive sides divisible by {factor} = 2**(len(autoencoder.channels) - 1)")
+  """The one validation pass (`cf3d_jax.validation.validate`): ranges, conditions between keys,
+  names against the registries and, per `mode`, the grids; ConfigError naming the key."""
+  from cf3d_jax import validation   # here, so importing this module (configs/*.py) stays light
+  validation.validate(c, mode)

@@ -1,5 +1,5 @@
-"""The allowed range of every config key: `RANGES`, checked by `check_ranges` (from
-`config_base.validate`) and shown in docs/configs.md's *allowed* column.
+"""The allowed range of every config key: `RANGES`, checked by `check_ranges` (the first group
+of the validation pass, `cf3d_jax.validation`) and shown in docs/configs.md's *allowed* column.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 from cf3d_jax.errors import ConfigError
 
 # A rule is (predicate on the value, what is expected). Cross-key conditions (lengths that must
-# match, divisibility) are checked in `config_base.validate` after every key is in its own range.
+# match, divisibility) and names against the registries are checked in `cf3d_jax.validation`
+# after every key is in its own range.
 Rule = tuple[Callable[[Any], bool], str]
 
 
@@ -48,7 +49,12 @@ def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fa
 
 
 def _one_of(*values) -> Rule:
-  return (lambda v: v in values), "one of " + ", ".join(repr(x) for x in values)
+  """One of `values` (kept as the predicate's `names`, checked against the registries by
+  tests/test_validation.py)."""
+  def ok(v) -> bool:
+    return v in values
+  ok.names = values
+  return ok, "one of " + ", ".join(repr(x) for x in values)
 
 
 def _seq(rule: Rule, min_len: int = 0, length: int | None = None) -> Rule:
@@ -239,19 +245,40 @@ def get_key(c: ml_collections.ConfigDict, dotted: str) -> Any:
   return c
 
 
-def check_ranges(c: ml_collections.ConfigDict) -> None:
-  """Every key of `c` that `RANGES` knows in its range; ConfigError naming each key outside it."""
+def _problems(items) -> list[str]:
+  """'config.KEY=VALUE: expected …' for each (key, value) outside its `RANGES` rule."""
   problems = []
-  for key, (ok, expected) in RANGES.items():
-    try:
-      value = get_key(c, key)
-    except (KeyError, AttributeError):
-      continue                                 # a config built without this section
+  for key, value in items:
+    ok, expected = RANGES[key]
     try:
       good = bool(ok(value))
     except (TypeError, ValueError):
       good = False
     if not good:
       problems.append(f"config.{key}={value!r}: expected {expected}")
+  return problems
+
+
+def _raise(problems: list[str]) -> None:
   if problems:
     raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
+
+
+def check_ranges(c: ml_collections.ConfigDict) -> None:
+  """Every key of `c` that `RANGES` knows in its range; ConfigError naming each key outside it."""
+  items = []
+  for key in RANGES:
+    try:
+      items.append((key, get_key(c, key)))
+    except (KeyError, AttributeError):
+      continue                                 # a config built without this section
+  _raise(_problems(items))
+
+
+def check_section(values, section: str) -> None:
+  """The keys of one section (`values`: `config.<section>` as a mapping) in their `RANGES`
+  range; keys it lacks are skipped. For builders called without a whole config
+  (`objectives.make_objective`); `check_ranges` covers every section."""
+  prefix = section + "."
+  _raise(_problems((key, values[key[len(prefix):]]) for key in RANGES
+                   if key.startswith(prefix) and key[len(prefix):] in values))

@@ -117,7 +117,7 @@ def check(stored: Mapping[str, Any] | None, config, groups: Sequence[str], where
   else:
     keys = dict.fromkeys(k for g in groups for k in keys_for(config, g))
     diffs = list(more) + differences(stored, config, list(keys))
-  allowed = set(config.train.get("allow_config_change", ()))
+  allowed = set(config.train.allow_config_change)
   blocking = [d for d in diffs if not _allowed(d[0], allowed)]
   for key, old, new in diffs:
     if _allowed(key, allowed):

@@ -103,9 +103,8 @@ def device_grid(dims: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
 
 def rules_from_config(mesh_config) -> Rules:
   """`config.mesh.rules` as a tuple of (logical name, mesh axes); ConfigError if malformed."""
-  rules = mesh_config.get("rules", DEFAULT_RULES) if hasattr(mesh_config, "get") else DEFAULT_RULES
   out = []
-  for rule in rules:
+  for rule in mesh_config.rules:
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ConfigError(f"config.mesh.rules: {rule!r} is not a (logical name, mesh axes) pair")
     axes = rule[1]

@@ -116,7 +116,7 @@ def fingerprint(rows: Sequence[Mapping[str, Any]], data_config) -> str:
              "shape": [int(s) for s in data_config.shape], "fov_mm": float(data_config.fov_mm),
              "percentiles": [float(p) for p in data_config.intensity_percentiles],
              "records_per_shard": int(data_config.records_per_shard),
-             "max_scan_gb": float(data_config.get("max_scan_gb", 0)),
+             "max_scan_gb": float(data_config.max_scan_gb),
              "rows": [[r["row"], r["path"], r["subject_id"], r["label"],
                        repr(r["clinical_value"]), r.get("error", "")] for r in rows]}
   return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -294,7 +294,7 @@ def ingest_manifest(data_config, folder: str, on_error: str, meta: Mapping[str, 
   if done:
     logging.info("resuming: %d of %d shards already staged in %s", len(done), len(chunks),
                  staging)
-  max_bytes = int(float(data_config.get("max_scan_gb", 0)) * 1e9) or None
+  max_bytes = int(float(data_config.max_scan_gb) * 1e9) or None
   pool = _Pool(workers, (tuple(data_config.shape), float(data_config.fov_mm),
                          tuple(data_config.intensity_percentiles), max_bytes))
   bar = tqdm(total=len(rows), initial=sum(len(chunks[k]) for k in done), desc="scans",

@@ -66,7 +66,7 @@ from cf3d_jax.errors import ConfigError
 from cf3d_jax.models import layers
 from cf3d_jax.models.layers import PARAM_AXIS_NAMES, VOLUME_AXES
 
-__all__ = ['INIT_COMPILER_OPTIONS', 'PARAM_AXIS_NAMES', 'VOLUME_AXES', 'UNet',
+__all__ = ['DTYPES', 'INIT_COMPILER_OPTIONS', 'PARAM_AXIS_NAMES', 'VOLUME_AXES', 'UNet',
            'UNetConfigError', 'abstract_params', 'build_unet', 'count_params', 'init_params',
            'make_init_fn', 'param_logical_axes']
 
@@ -120,25 +120,20 @@ class UNet(nn.Module):
 
   def _validate(self, x: Array, t: Array, text_emb: Array | None,
                 text_mask: Array | None) -> None:
-    """Raises `UNetConfigError` for inconsistent settings or input shapes."""
+    """Raises `UNetConfigError` for settings a direct caller could break and for input shapes.
+
+    Config values are checked once, before a run (`cf3d_jax.validation`); the per-level flag
+    lengths are checked where they are read (`_flags`, `_remat`), conv implementations and remat
+    policies by `layers` against their registries.
+    """
     num_levels = len(self.channel_mult)
     if num_levels < 1:
       raise UNetConfigError('UNet.channel_mult must have at least one level.')
-    for field in ('attention_levels', 'cross_attention_levels', 'dropout_levels'):
-      _flags(getattr(self, field), num_levels, field)
     for mult in (1,) + tuple(self.channel_mult):
       if (mult * self.base_channels) % self.num_groups:
         raise UNetConfigError(
             f'UNet channels {mult * self.base_channels} (base_channels={self.base_channels} × '
             f'{mult}) are not divisible by num_groups={self.num_groups}.')
-    if self.conv_impl not in layers.CONV_IMPLS:
-      raise UNetConfigError(f'UNet.conv_impl={self.conv_impl!r}: expected one of '
-                            f'{layers.CONV_IMPLS}.')
-    for policy in self._remat(num_levels) + (self.middle_remat,):
-      if policy not in layers.REMAT_POLICIES:
-        raise UNetConfigError(f'UNet remat policy {policy!r} (remat_levels='
-                              f'{tuple(self.remat_levels)}, middle_remat={self.middle_remat!r}): '
-                              f'expected one of {sorted(layers.REMAT_POLICIES)}.')
     if not 0.0 <= self.dropout < 1.0:
       raise UNetConfigError(f'UNet.dropout must be in [0, 1), got {self.dropout}.')
     if x.ndim != 5:
@@ -309,15 +304,15 @@ class UNet(nn.Module):
     return layers.constrain_volume(h).astype(jnp.float32)
 
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def _as_dtype(value: Any, key: str) -> Any:
   """'float32' / 'bfloat16' / 'float16' (or a dtype) → a jnp dtype."""
   if isinstance(value, str):
-    if value not in _DTYPES:
-      raise UNetConfigError(f'model.{key}={value!r} is not one of {sorted(_DTYPES)}.')
-    return _DTYPES[value]
+    if value not in DTYPES:
+      raise UNetConfigError(f'model.{key}={value!r} is not one of {sorted(DTYPES)}.')
+    return DTYPES[value]
   return jnp.dtype(value).type
 
 

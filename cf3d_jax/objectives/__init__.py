@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cf3d_jax.config_ranges import check_section
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives import ddpm, rflow
-from cf3d_jax.objectives.common import ClipFn, ModelEval
+from cf3d_jax.objectives.common import ClipFn, ModelEval, objective_settings
 
 
 class Objective(Protocol):
@@ -72,12 +73,21 @@ class Objective(Protocol):
 OBJECTIVES = {"ddpm": ddpm.DDPM.from_config, "rflow": rflow.RectifiedFlow.from_config}
 
 
-def make_objective(objective_config, latent_shape=None) -> Objective:
-  """Builds the objective named by `config.objective.name`.
-
-  latent_shape: `(D, H, W, C)` of the diffused tensor (the rectified flow's resolution shift).
-  """
-  name = objective_config.name
+def build_objective(objective_config, latent_shape=None) -> Objective:
+  """The objective named by `config.objective.name`, its options resolved against the
+  registries (ConfigError naming the key for an unknown name or a condition between keys). The
+  keys' own ranges are checked by the caller: `config_base.validate` or `make_objective`."""
+  name = objective_config["name"]
   if name not in OBJECTIVES:
     raise ConfigError(f"config.objective.name={name!r}: expected one of {sorted(OBJECTIVES)}")
   return OBJECTIVES[name](objective_config, latent_shape)
+
+
+def make_objective(objective_config, latent_shape=None) -> Objective:
+  """Builds the objective named by `config.objective.name` from that section alone, checking
+  its keys' ranges first (`config_ranges.check_section`); then `build_objective`.
+
+  latent_shape: `(D, H, W, C)` of the diffused tensor (the rectified flow's resolution shift).
+  """
+  check_section(objective_settings(objective_config), "objective")
+  return build_objective(objective_config, latent_shape)

@@ -28,34 +28,39 @@ Pure functions of arrays and keys. Conventions (DESIGN.md §4, as guided-diffusi
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.objectives.common import (LOSS_WEIGHTINGS, MIN_SNR_GAMMA, ClipFn, ModelEval,
-                                        check_loss, check_loss_weighting, check_snr_range,
-                                        per_example_loss,
-                                        sigma_data_array, sigma_data_from_config)
+from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval,
+                                        check_loss_weighting, check_snr_range, choose,
+                                        family_default, no_preconditioning, no_weight,
+                                        objective_settings, per_example_loss,
+                                        sigma_data_array, sigma_data_from_settings)
 
-PREDICTIONS = ("x0", "eps", "v")
-PRECONDITIONINGS = ("none", "skip")
-BETA_SCHEDULES = ("linear", "scaled_linear")
-SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "ancestral")
-VARIANCES = ("fixed_small", "fixed_large")
 DEFAULT_SAMPLE_STEPS = 25   # WDM's DDIM 25
+
+
+# ---- schedules and sampler grids (registries: name → function) ------------------------------
+BETA_SCHEDULES: dict[str, Callable[[int, float, float], np.ndarray]] = {
+    "linear": lambda n, start, end: np.linspace(start, end, n, dtype=np.float64),
+    "scaled_linear": lambda n, start, end: np.linspace(start ** 0.5, end ** 0.5, n,
+                                                       dtype=np.float64) ** 2,
+}
+
+SPACINGS: dict[str, Callable[[int, int], np.ndarray]] = {
+    "leading": lambda T, n: np.arange(n) * (T // n),
+    "trailing": lambda T, n: np.round(np.arange(T, 0, -T / n)) - 1,
+    "linspace": lambda T, n: np.round(np.linspace(0, T - 1, n)),
+}
 
 
 def make_betas(schedule: str, num_steps: int, beta_start: float, beta_end: float) -> np.ndarray:
   """Float64 betas `[T]`: 'linear' = linspace(start, end); 'scaled_linear' = linspace(√start, √end)²."""
-  if schedule == "linear":
-    return np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
-  if schedule == "scaled_linear":
-    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
-  raise ConfigError(f"config.objective.beta_schedule={schedule!r}: expected one of {BETA_SCHEDULES}")
+  return choose("beta_schedule", schedule, BETA_SCHEDULES)(num_steps, beta_start, beta_end)
 
 
 def sampling_timesteps(num_train_steps: int, num_steps: int, spacing: str) -> np.ndarray:
@@ -66,14 +71,7 @@ def sampling_timesteps(num_train_steps: int, num_steps: int, spacing: str) -> np
   """
   if not 1 <= num_steps <= num_train_steps:
     raise ConfigError(f"sampler steps {num_steps} must lie in [1, {num_train_steps}]")
-  if spacing == "leading":
-    steps = np.arange(num_steps) * (num_train_steps // num_steps)
-  elif spacing == "trailing":
-    steps = np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
-  elif spacing == "linspace":
-    steps = np.round(np.linspace(0, num_train_steps - 1, num_steps))
-  else:
-    raise ConfigError(f"config.objective.timestep_spacing={spacing!r}: expected one of {SPACINGS}")
+  steps = choose("timestep_spacing", spacing, SPACINGS)(num_train_steps, num_steps)
   return np.sort(steps.astype(np.int64))[::-1].copy()
 
 
@@ -83,62 +81,129 @@ def _gather(values: jnp.ndarray, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarr
   return out.reshape(out.shape + (1,) * (like.ndim - out.ndim)).astype(like.dtype)
 
 
+# ---- what the network predicts (config.objective.prediction) --------------------------------
+class Parameterisation(NamedTuple):
+  """One `prediction`: its regression target `(ab, z0, noise, t)` and the conversion of a
+  prediction to `(x0, eps)` given `(out, z_t, √ab_t, √(1 − ab_t))`."""
+  target: Callable[..., jnp.ndarray]
+  x0_and_eps: Callable[..., tuple[jnp.ndarray, jnp.ndarray]]
+
+
+def _v_target(ab, z0, noise, t):
+  return _gather(jnp.sqrt(ab), t, z0) * noise - _gather(jnp.sqrt(1 - ab), t, z0) * z0
+
+
+PREDICTIONS: dict[str, Parameterisation] = {
+    "x0": Parameterisation(lambda ab, z0, noise, t: z0,
+                           lambda out, z_t, sa, s1: (out, (z_t - sa * out) / s1)),
+    "eps": Parameterisation(lambda ab, z0, noise, t: noise,
+                            lambda out, z_t, sa, s1: ((z_t - s1 * out) / sa, out)),
+    "v": Parameterisation(_v_target,
+                          lambda out, z_t, sa, s1: (sa * z_t - s1 * out, s1 * z_t + sa * out)),
+}
+
+
+# ---- preconditioning, loss weighting, ancestral variance (functions of the objective) -------
+def _skip_preconditioning(obj: "DDPM", out, z_t, t):
+  """`x0 = c_skip z_t + c_out F` (the optimal linear denoiser plus the network's residual)."""
+  ab = jnp.asarray(obj.alpha_bar, jnp.float32)
+  a, s = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
+  sd = sigma_data_array(obj.sigma_data, z_t)
+  var = a ** 2 * sd ** 2 + s ** 2
+  return (a * sd ** 2 / var) * z_t + (sd * s / jnp.sqrt(var)) * out
+
+
+PRECONDITIONINGS = {"none": no_preconditioning, "skip": _skip_preconditioning}
+
+
+def _min_snr_weight(obj: "DDPM", t, like):
+  ab = jnp.asarray(obj.alpha_bar, jnp.float32)
+  a, s = _gather(jnp.sqrt(ab), t, like), _gather(jnp.sqrt(1 - ab), t, like)
+  return jnp.clip(a ** 2 / s ** 2, *obj.snr_range)
+
+
+def _edm_weight(obj: "DDPM", t, like):
+  ab = jnp.asarray(obj.alpha_bar, jnp.float32)
+  a, s = _gather(jnp.sqrt(ab), t, like), _gather(jnp.sqrt(1 - ab), t, like)
+  sd = sigma_data_array(obj.sigma_data, like)
+  return (a ** 2 * sd ** 2 + s ** 2) / (sd * s) ** 2
+
+
+LOSS_WEIGHTS = {"none": no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
+
+# Variance of the ancestral step from (ᾱ_t, ᾱ', β) (see `DDPM.posterior`).
+VARIANCES = {
+    "fixed_small": lambda ab_t, ab_prev, beta: (1 - ab_prev) / (1 - ab_t) * beta,
+    "fixed_large": lambda ab_t, ab_prev, beta: beta,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class DDPM:
-  """Discrete-time diffusion: training corruption, regression target, DDIM sampling step."""
+  """Discrete-time diffusion: training corruption, regression target, DDIM sampling step.
+
+  The string fields name entries of this module's registries; `__post_init__` resolves each
+  once (ConfigError naming the key for an unknown name) and the methods call what it chose."""
   betas: np.ndarray                     # float64 [T]
-  prediction: str = "x0"
+  prediction: str = "x0"                # PREDICTIONS
   num_sample_steps: int = 25
   eta: float = 0.0
-  timestep_spacing: str = "leading"
-  preconditioning: str = "none"
+  timestep_spacing: str = "leading"     # SPACINGS
+  preconditioning: str = "none"         # PRECONDITIONINGS
   sigma_data: float | tuple[float, ...] = 0.5   # scalar, or one std per channel
-  sampler: str = "ddim"
-  ancestral_variance: str = "fixed_small"
-  loss_kind: str = "mse"
+  sampler: str = "ddim"                 # SAMPLERS
+  ancestral_variance: str = "fixed_small"  # VARIANCES
+  loss_kind: str = "mse"                # common.LOSSES
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: clip(SNR, lo, hi))
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
   final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
+  # Resolved from the names above in __post_init__:
+  _param: Parameterisation = dataclasses.field(init=False, repr=False, compare=False)
+  _precondition: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
+                                                                compare=False)
+  _sampler_step: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
+                                                                compare=False)
+  _variance: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False, compare=False)
+  _error: ErrorFn = dataclasses.field(init=False, repr=False, compare=False)
+  _weight: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    resolved = dict(
+        _param=choose("prediction", self.prediction, PREDICTIONS),
+        _precondition=choose("preconditioning", self.preconditioning, PRECONDITIONINGS),
+        _sampler_step=choose("sampler", self.sampler, SAMPLERS, family="ddpm"),
+        _variance=choose("ancestral_variance", self.ancestral_variance, VARIANCES),
+        _error=choose("loss", self.loss_kind, LOSSES),
+        _weight=choose("loss_weighting", self.loss_weighting, LOSS_WEIGHTS))
+    if self.preconditioning == "skip" and self.prediction != "x0":
+      raise ConfigError("config.objective.preconditioning='skip' needs "
+                        f"config.objective.prediction='x0', got {self.prediction!r}")
+    check_loss_weighting(self.loss_weighting, self.preconditioning)
+    if self.loss_weighting == "min_snr" and self.prediction != "x0":
+      raise ConfigError("config.objective.loss_weighting='min_snr' is implemented for "
+                        f"prediction='x0'; got {self.prediction!r}")
+    for name, value in resolved.items():
+      object.__setattr__(self, name, value)
 
   @classmethod
   def from_config(cls, cfg, latent_shape=None) -> "DDPM":
     """Builds from `config.objective` (keys: num_train_steps, beta_schedule, beta_start,
     beta_end, prediction, num_sample_steps (0 = 25), eta, timestep_spacing, preconditioning,
-    sigma_data or sigma_data_channels, sampler ('default' = 'ddim'), ancestral_variance, loss ('default' = 'mse')).
-    `latent_shape` is unused (the rectified flow's time shift needs it)."""
+    sigma_data or sigma_data_channels, sampler ('default' = 'ddim'), ancestral_variance, loss
+    ('default' = 'mse'), loss_weighting, snr_range). `latent_shape` is unused (the rectified
+    flow's time shift needs it)."""
     del latent_shape
-    if cfg.prediction not in PREDICTIONS:
-      raise ConfigError(f"config.objective.prediction={cfg.prediction!r}: expected one of {PREDICTIONS}")
-    precond = cfg.get("preconditioning", "none")
-    if precond not in PRECONDITIONINGS:
-      raise ConfigError(f"config.objective.preconditioning={precond!r}: expected one of "
-                        f"{PRECONDITIONINGS}")
-    if precond == "skip" and cfg.prediction != "x0":
-      raise ConfigError("config.objective.preconditioning='skip' needs "
-                        f"config.objective.prediction='x0', got {cfg.prediction!r}")
-    sampler = cfg.get("sampler", "default")
-    sampler = "ddim" if sampler == "default" else sampler
-    if sampler not in SAMPLERS:
-      raise ConfigError(f"config.objective.sampler={sampler!r}: the 'ddpm' objective offers "
-                        f"'default' or one of {SAMPLERS}")
-    variance = cfg.get("ancestral_variance", "fixed_small")
-    if variance not in VARIANCES:
-      raise ConfigError(f"config.objective.ancestral_variance={variance!r}: expected one of "
-                        f"{VARIANCES}")
-    if not 0.0 <= cfg.eta <= 1.0:
-      raise ConfigError(f"config.objective.eta={cfg.eta!r}: expected a value in [0, 1]")
-    betas = make_betas(cfg.beta_schedule, cfg.num_train_steps, cfg.beta_start, cfg.beta_end)
-    obj = cls(betas=betas, prediction=cfg.prediction,
-              num_sample_steps=int(cfg.num_sample_steps) or DEFAULT_SAMPLE_STEPS,
-              eta=cfg.eta, timestep_spacing=cfg.timestep_spacing, preconditioning=precond,
-              sigma_data=sigma_data_from_config(cfg), sampler=sampler,
-              ancestral_variance=variance,
-              loss_kind=check_loss(cfg.get("loss", "default"), "mse"),
-              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS),
-              snr_range=check_snr_range(cfg))
-    if obj.loss_weighting == "min_snr" and obj.prediction != "x0":
-      raise ConfigError("config.objective.loss_weighting='min_snr' is implemented for "
-                        f"prediction='x0'; got {obj.prediction!r}")
+    o = objective_settings(cfg)
+    obj = cls(betas=make_betas(o["beta_schedule"], o["num_train_steps"], o["beta_start"],
+                               o["beta_end"]),
+              prediction=o["prediction"],
+              num_sample_steps=int(o["num_sample_steps"]) or DEFAULT_SAMPLE_STEPS,
+              eta=o["eta"], timestep_spacing=o["timestep_spacing"],
+              preconditioning=o["preconditioning"], sigma_data=sigma_data_from_settings(o),
+              sampler=family_default(o["sampler"], "ddim"),
+              ancestral_variance=o["ancestral_variance"],
+              loss_kind=family_default(o["loss"], "mse"), loss_weighting=o["loss_weighting"],
+              snr_range=check_snr_range(o["snr_range"]))
     obj.timesteps()  # validates steps and spacing early.
     return obj
 
@@ -162,23 +227,12 @@ class DDPM:
 
   def target(self, z0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
     """What the network regresses: x0, eps, or `v = sqrt(ab) eps - sqrt(1-ab) x0`."""
-    if self.prediction == "x0":
-      return z0
-    if self.prediction == "eps":
-      return noise
-    ab = jnp.asarray(self.alpha_bar, jnp.float32)
-    return _gather(jnp.sqrt(ab), t, z0) * noise - _gather(jnp.sqrt(1 - ab), t, z0) * z0
+    return self._param.target(jnp.asarray(self.alpha_bar, jnp.float32), z0, noise, t)
 
   def prediction_from_output(self, out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray
                              ) -> jnp.ndarray:
     """The network output `F` as a prediction of `target` (applies the preconditioning)."""
-    if self.preconditioning == "none":
-      return out
-    ab = jnp.asarray(self.alpha_bar, jnp.float32)
-    a, s = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
-    sd = sigma_data_array(self.sigma_data, z_t)
-    var = a ** 2 * sd ** 2 + s ** 2
-    return (a * sd ** 2 / var) * z_t + (sd * s / jnp.sqrt(var)) * out
+    return self._precondition(self, out, z_t, t)
 
   def loss_weight(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray | None:
     """Per-(example, channel) loss weight at timesteps t `[N]`, broadcasting against `like`:
@@ -187,21 +241,13 @@ class DDPM:
     clip(SNR_t, lo, hi) for x0 prediction, `snr_range` (lo, hi): (0, 5) is Hang et al. 2023's
     min-SNR-5; lo = 1 also keeps the high-noise steps at weight ≥ 1 (Salimans & Ho 2022's truncated
     SNR; measured at demo size, it weakened the prompt effect); 'none' = None."""
-    if self.loss_weighting == "none":
-      return None
-    ab = jnp.asarray(self.alpha_bar, jnp.float32)
-    a, s = _gather(jnp.sqrt(ab), t, like), _gather(jnp.sqrt(1 - ab), t, like)
-    if self.loss_weighting == "min_snr":
-      return jnp.clip(a ** 2 / s ** 2, *self.snr_range)
-    sd = sigma_data_array(self.sigma_data, like)
-    return (a ** 2 * sd ** 2 + s ** 2) / (sd * s) ** 2
+    return self._weight(self, t, like)
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
            t: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (MSE by default) over all remaining axes, weighted by
     `loss_weight(t)` when a weighting is configured (then t `[N]` is required)."""
-    weight = None if self.loss_weighting == "none" else self.loss_weight(t, target)
-    return per_example_loss(prediction, target, self.loss_kind, weight)
+    return per_example_loss(prediction, target, self._error, self.loss_weight(t, target))
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: the raw integer timestep, as float32."""
@@ -217,13 +263,7 @@ class DDPM:
     model_out = self.prediction_from_output(model_out, z_t, t)
     ab = jnp.asarray(self.alpha_bar, jnp.float32)
     sa, s1 = _gather(jnp.sqrt(ab), t, z_t), _gather(jnp.sqrt(1 - ab), t, z_t)
-    if self.prediction == "x0":
-      x0 = model_out
-      return x0, (z_t - sa * x0) / s1
-    if self.prediction == "eps":
-      return (z_t - s1 * model_out) / sa, model_out
-    x0 = sa * z_t - s1 * model_out
-    return x0, s1 * z_t + sa * model_out
+    return self._param.x0_and_eps(model_out, z_t, sa, s1)
 
   def ddim_step(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray,
                 t_prev: jnp.ndarray, key: jax.Array,
@@ -264,7 +304,7 @@ class DDPM:
     beta = 1.0 - alpha
     mean = (jnp.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 + \
         (jnp.sqrt(alpha) * (1 - ab_prev) / (1 - ab_t)) * z_t
-    var = (1 - ab_prev) / (1 - ab_t) * beta if self.ancestral_variance == "fixed_small" else beta
+    var = self._variance(ab_t, ab_prev, beta)
     return mean, jnp.where(has_prev, jnp.maximum(var, 1e-20), 0.0)
 
   def ancestral_step(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray,
@@ -281,10 +321,7 @@ class DDPM:
                    t_prev: jnp.ndarray, key: jax.Array, clip_x0: ClipFn | None = None
                    ) -> jnp.ndarray:
     """The configured sampler's update z_t → z_{t_prev} (one network call)."""
-    out = model_eval(z_t, t)
-    if self.sampler == "ancestral":
-      return self.ancestral_step(out, z_t, t, t_prev, key, clip_x0)
-    return self.ddim_step(out, z_t, t, t_prev, key, clip_x0)
+    return self._sampler_step(self, model_eval(z_t, t), z_t, t, t_prev, key, clip_x0)
 
   def ode_step(self, model_eval: ModelEval, z_t: jnp.ndarray, t: jnp.ndarray,
                t_prev: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
@@ -302,3 +339,7 @@ class DDPM:
     ab_n = _gather(ab, t_next, z)
     x0 = (z - jnp.sqrt(1 - ab_t) * eps) / jnp.sqrt(ab_t)
     return jnp.sqrt(ab_n) * x0 + jnp.sqrt(1 - ab_n) * eps
+
+
+# The samplers (config.objective.sampler; 'default' = 'ddim'): one update from the network output.
+SAMPLERS = {"ddim": DDPM.ddim_step, "ancestral": DDPM.ancestral_step}

@@ -26,20 +26,19 @@ s = t/T:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.objectives.common import (LOSS_WEIGHTINGS, MIN_SNR_GAMMA, ClipFn, ModelEval, bcast,
-                                        check_loss,
-                                        check_loss_weighting, check_snr_range, per_example_loss,
-                                        sigma_data_array, sigma_data_from_config)
+from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval, bcast,
+                                        check_loss_weighting, check_snr_range, choose,
+                                        family_default, no_preconditioning, no_weight,
+                                        objective_settings, per_example_loss,
+                                        sigma_data_array, sigma_data_from_settings)
 
-SAMPLERS = ("euler", "heun")
-TIME_SAMPLINGS = ("uniform", "logit-normal")
-PRECONDITIONINGS = ("none", "skip")
 DEFAULT_SAMPLE_STEPS = 30   # MAISI RFlow inference
 BASE_NUMEL = 32 ** 3
 
@@ -64,21 +63,80 @@ def sampling_times(num_train_steps: int, num_steps: int, ratio: float) -> np.nda
   return shift_time(t, ratio, num_train_steps)
 
 
+# ---- registries: name → function (resolved once in RectifiedFlow.__post_init__) -------------
+def _logit_normal_s(key: jax.Array, batch_size: int, logit_normal: tuple[float, float]):
+  loc, scale = logit_normal
+  return jax.nn.sigmoid(loc + scale * jax.random.normal(key, (batch_size,)))
+
+
+# Training s = t/T before the shift: (key, N, logit_normal) → `[N]`.
+TIME_SAMPLINGS = {
+    "uniform": lambda key, batch_size, logit_normal: jax.random.uniform(key, (batch_size,)),
+    "logit-normal": _logit_normal_s,
+}
+
+
+def _skip_preconditioning(obj: "RectifiedFlow", out, z_t, t):
+  """`v̂ = c_skip z_t + c_out F` (the optimal linear predictor of v plus the network's part)."""
+  s, sd = obj._s(t, z_t), sigma_data_array(obj.sigma_data, z_t)
+  var = (1 - s) ** 2 * sd ** 2 + s ** 2
+  return ((1 - s) * sd ** 2 - s) / var * z_t + (sd / jnp.sqrt(var)) * out
+
+
+PRECONDITIONINGS = {"none": no_preconditioning, "skip": _skip_preconditioning}
+
+
+def _min_snr_weight(obj: "RectifiedFlow", t, like):
+  s = jnp.clip(obj._s(t, like), 1e-6, 1.0)
+  return jnp.clip(((1 - s) / s) ** 2, *obj.snr_range) * s ** 2
+
+
+def _edm_weight(obj: "RectifiedFlow", t, like):
+  s = obj._s(t, like)
+  sd = sigma_data_array(obj.sigma_data, like)
+  return ((1 - s) ** 2 * sd ** 2 + s ** 2) / sd ** 2
+
+
+LOSS_WEIGHTS = {"none": no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
+
+
 @dataclasses.dataclass(frozen=True)
 class RectifiedFlow:
-  """Rectified flow (velocity prediction) with MONAI's time conventions."""
+  """Rectified flow (velocity prediction) with MONAI's time conventions.
+
+  The string fields name entries of this module's registries; `__post_init__` resolves each
+  once (ConfigError naming the key for an unknown name) and the methods call what it chose."""
   num_train_steps: int = 1000
   num_sample_steps: int = DEFAULT_SAMPLE_STEPS
-  sampler: str = "euler"
-  time_sampling: str = "uniform"
+  sampler: str = "euler"                # SAMPLERS
+  time_sampling: str = "uniform"        # TIME_SAMPLINGS
   logit_normal: tuple[float, float] = (0.0, 1.0)
   ratio: float = 1.0                    # resolution shift r (1 = none)
-  preconditioning: str = "none"
+  preconditioning: str = "none"         # PRECONDITIONINGS
   sigma_data: float | tuple[float, ...] = 0.5   # scalar, or one std per channel
-  loss_kind: str = "l1"
+  loss_kind: str = "l1"                 # common.LOSSES
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (clip(SNR, lo, hi)·s²)
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
   final_time = 0.0
+  # Resolved from the names above in __post_init__:
+  _ode_step: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
+                                                            compare=False)
+  _draw_s: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False, compare=False)
+  _precondition: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
+                                                                compare=False)
+  _error: ErrorFn = dataclasses.field(init=False, repr=False, compare=False)
+  _weight: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    resolved = dict(
+        _ode_step=choose("sampler", self.sampler, SAMPLERS, family="rflow"),
+        _draw_s=choose("time_sampling", self.time_sampling, TIME_SAMPLINGS),
+        _precondition=choose("preconditioning", self.preconditioning, PRECONDITIONINGS),
+        _error=choose("loss", self.loss_kind, LOSSES),
+        _weight=choose("loss_weighting", self.loss_weighting, LOSS_WEIGHTS))
+    check_loss_weighting(self.loss_weighting, self.preconditioning)
+    for name, value in resolved.items():
+      object.__setattr__(self, name, value)
 
   @classmethod
   def from_config(cls, cfg, latent_shape=None) -> "RectifiedFlow":
@@ -86,46 +144,30 @@ class RectifiedFlow:
     needed for the resolution shift when `time_shift` is on. Keys used: num_train_steps,
     num_sample_steps (0 = 30), sampler ('default' = 'euler'), time_sampling, logit_normal,
     time_shift, shift_base_numel, shift_scale, preconditioning, sigma_data, loss ('default' =
-    'l1'). The DDPM-only keys (betas, prediction, eta, spacing) are ignored."""
-    sampler = cfg.get("sampler", "default")
-    sampler = "euler" if sampler == "default" else sampler
-    if sampler not in SAMPLERS:
-      raise ConfigError(f"config.objective.sampler={sampler!r}: the 'rflow' objective offers "
-                        f"'default' or one of {SAMPLERS}")
-    time_sampling = cfg.get("time_sampling", "uniform")
-    if time_sampling not in TIME_SAMPLINGS:
-      raise ConfigError(f"config.objective.time_sampling={time_sampling!r}: expected one of "
-                        f"{TIME_SAMPLINGS}")
-    precond = cfg.get("preconditioning", "none")
-    if precond not in PRECONDITIONINGS:
-      raise ConfigError(f"config.objective.preconditioning={precond!r}: expected one of "
-                        f"{PRECONDITIONINGS}")
+    'l1'), loss_weighting, snr_range. The DDPM-only keys (betas, prediction, eta, spacing) are
+    ignored."""
+    o = objective_settings(cfg)
     ratio = 1.0
-    if cfg.get("time_shift", True):
+    if o["time_shift"]:
       if latent_shape is None:
         raise ConfigError("config.objective.time_shift=True needs the diffused tensor's shape; "
                           "build the objective through checkpoints.build_components")
-      ratio = shift_ratio(tuple(latent_shape)[:3], int(cfg.get("shift_base_numel", BASE_NUMEL)),
-                          float(cfg.get("shift_scale", 1.0)))
-    loc, scale = (float(v) for v in cfg.get("logit_normal", (0.0, 1.0)))
-    obj = cls(num_train_steps=int(cfg.num_train_steps),
-              num_sample_steps=int(cfg.num_sample_steps) or DEFAULT_SAMPLE_STEPS,
-              sampler=sampler, time_sampling=time_sampling, logit_normal=(loc, scale),
-              ratio=ratio, preconditioning=precond, sigma_data=sigma_data_from_config(cfg),
-              loss_kind=check_loss(cfg.get("loss", "default"), "l1"),
-              loss_weighting=check_loss_weighting(cfg, precond, LOSS_WEIGHTINGS),
-              snr_range=check_snr_range(cfg))
+      ratio = shift_ratio(tuple(latent_shape)[:3], int(o["shift_base_numel"]),
+                          float(o["shift_scale"]))
+    loc, scale = (float(v) for v in o["logit_normal"])
+    obj = cls(num_train_steps=int(o["num_train_steps"]),
+              num_sample_steps=int(o["num_sample_steps"]) or DEFAULT_SAMPLE_STEPS,
+              sampler=family_default(o["sampler"], "euler"), time_sampling=o["time_sampling"],
+              logit_normal=(loc, scale), ratio=ratio, preconditioning=o["preconditioning"],
+              sigma_data=sigma_data_from_settings(o), loss_kind=family_default(o["loss"], "l1"),
+              loss_weighting=o["loss_weighting"], snr_range=check_snr_range(o["snr_range"]))
     obj.timesteps()  # validates the step count early.
     return obj
 
   # ---- training ------------------------------------------------------------------------------
   def sample_time(self, key: jax.Array, batch_size: int) -> jnp.ndarray:
     """Continuous training times `[N]` in [0, T), drawn then shifted."""
-    if self.time_sampling == "uniform":
-      s = jax.random.uniform(key, (batch_size,))
-    else:
-      loc, scale = self.logit_normal
-      s = jax.nn.sigmoid(loc + scale * jax.random.normal(key, (batch_size,)))
+    s = self._draw_s(key, batch_size, self.logit_normal)
     return shift_time(s * self.num_train_steps, self.ratio, self.num_train_steps)
 
   def _s(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
@@ -144,32 +186,20 @@ class RectifiedFlow:
   def prediction_from_output(self, out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray
                              ) -> jnp.ndarray:
     """The network output `F` as a velocity (applies the preconditioning)."""
-    if self.preconditioning == "none":
-      return out
-    s, sd = self._s(t, z_t), sigma_data_array(self.sigma_data, z_t)
-    var = (1 - s) ** 2 * sd ** 2 + s ** 2
-    return ((1 - s) * sd ** 2 - s) / var * z_t + (sd / jnp.sqrt(var)) * out
+    return self._precondition(self, out, z_t, t)
 
   def loss_weight(self, t: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray | None:
     """'edm': 1/c_out² per (example, channel) — the loss of the network output F against its
     unit-variance target (squared for MSE; for L1 the same factor); 'min_snr': clip(SNR, lo, hi)·s²
     with SNR = ((1 − s)/s)², the x0-space min-SNR weight carried to the velocity
     (x0 = z_t + s·v, so an x0 error is s times a velocity error); 'none': None."""
-    if self.loss_weighting == "none":
-      return None
-    s = self._s(t, like)
-    if self.loss_weighting == "min_snr":
-      s = jnp.clip(s, 1e-6, 1.0)
-      return jnp.clip(((1 - s) / s) ** 2, *self.snr_range) * s ** 2
-    sd = sigma_data_array(self.sigma_data, like)
-    return ((1 - s) ** 2 * sd ** 2 + s ** 2) / sd ** 2
+    return self._weight(self, t, like)
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
            t: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (L1 by default, as MAISI), weighted by `loss_weight(t)` when a
     weighting is configured."""
-    weight = None if self.loss_weighting == "none" else self.loss_weight(t, target)
-    return per_example_loss(prediction, target, self.loss_kind, weight)
+    return per_example_loss(prediction, target, self._error, self.loss_weight(t, target))
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: t in [0, T], float32."""
@@ -195,15 +225,23 @@ class RectifiedFlow:
     """`z + v (t − t_next)/T` (MONAI `RFlowScheduler.step`)."""
     return z + v * (self._s(t, z) - self._s(t_next, z))
 
-  def ode_step(self, model_eval: ModelEval, z: jnp.ndarray, t: jnp.ndarray,
-               t_next: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
-    """Euler or Heun z_t → z_{t_next} (t_next < t)."""
+  def euler_step(self, model_eval: ModelEval, z: jnp.ndarray, t: jnp.ndarray,
+                 t_next: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
+    """Euler z_t → z_{t_next} (t_next < t): one network call."""
+    return self.euler_update(self.velocity(model_eval, z, t, clip_x0), z, t, t_next)
+
+  def heun_step(self, model_eval: ModelEval, z: jnp.ndarray, t: jnp.ndarray,
+                t_next: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
+    """Heun z_t → z_{t_next}: the Euler proposal, then the mean of both velocities."""
     v = self.velocity(model_eval, z, t, clip_x0)
     z_euler = self.euler_update(v, z, t, t_next)
-    if self.sampler == "euler":
-      return z_euler
     v_next = self.velocity(model_eval, z_euler, t_next, clip_x0)
     return self.euler_update(0.5 * (v + v_next), z, t, t_next)
+
+  def ode_step(self, model_eval: ModelEval, z: jnp.ndarray, t: jnp.ndarray,
+               t_next: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
+    """The configured sampler (Euler or Heun) z_t → z_{t_next} (t_next < t)."""
+    return self._ode_step(self, model_eval, z, t, t_next, clip_x0)
 
   def sampler_step(self, model_eval: ModelEval, z: jnp.ndarray, t: jnp.ndarray,
                    t_next: jnp.ndarray, key: jax.Array, clip_x0: ClipFn | None = None
@@ -217,3 +255,7 @@ class RectifiedFlow:
     """Euler inversion z_t → z_{t_next} (t_next > t), velocity taken at (z_t, t_next)."""
     v = self.velocity(model_eval, z, t_next)
     return z - v * (self._s(t_next, z) - self._s(t, z))
+
+
+# The samplers (config.objective.sampler; 'default' = 'euler').
+SAMPLERS = {"euler": RectifiedFlow.euler_step, "heun": RectifiedFlow.heun_step}
