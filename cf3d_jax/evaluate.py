@@ -40,7 +40,7 @@ from absl import logging
 
 from cf3d_jax import config_base, parallel
 from cf3d_jax.checkpoints import Generator, load_generator
-from cf3d_jax.data import phantoms, records
+from cf3d_jax.data import phantom_reference, records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import atomic_path, write_text
@@ -154,7 +154,7 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
       wd.records, index, train_entries)]).astype(np.float32)
   fid_floor = fid_lib.frechet_distance(
       *fid_lib.feature_statistics(_features(feats, train_real, bsz)), *real_stats)
-  reference = phantoms.find_reference(wd.reference)
+  reference = phantom_reference.find_reference(wd.reference)
   rule = (phantom_lib.PhantomRule.build(dataset, reference, config.eval.lesion_threshold)
           if reference is not None and tuple(reference.shape) == shape else None)
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))

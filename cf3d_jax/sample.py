@@ -45,7 +45,7 @@ from absl import logging
 
 from cf3d_jax import parallel
 from cf3d_jax.checkpoints import load_generator
-from cf3d_jax.data import nifti, phantoms
+from cf3d_jax.data import nifti, phantom_reference
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.files import atomic_dir, atomic_path, unique_slug, write_text
 from cf3d_jax.generate import SAMPLE_STREAM, batched, generate, guidance_negatives, \
@@ -191,7 +191,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
-  rule = _phantom_rule(phantoms.find_reference(Workdir(workdir).reference), config)
+  rule = _phantom_rule(phantom_reference.find_reference(Workdir(workdir).reference), config)
   bsz = config.sample.batch_size
   out_dir = Workdir(workdir).samples
   names = prompt_file_names(prompts)
@@ -355,7 +355,7 @@ def sample_from_sources(config, workdir: str) -> dict:
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
-  reference = phantoms.find_reference(Workdir(workdir).reference)
+  reference = phantom_reference.find_reference(Workdir(workdir).reference)
   rule = _phantom_rule(reference, config)
   sources = resolve_sources(config.sample.source, config.data.dataset)
   factual = _factual_prompts(config, sources, prompts)
