@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import io
 import json
 import os
 import sys
@@ -35,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from cf3d_jax.errors import Cf3dError, ConfigError, DataError, PromptError
+from cf3d_jax.figures import (AXES, figure_png, montage_figure, save_montage, short_title,
+                              slice_figure)
 from cf3d_jax.files import atomic_path, write_text
 from cf3d_jax.text.table import EmbeddingTable
 from cf3d_jax.workdir import Workdir
@@ -42,7 +43,6 @@ from cf3d_jax.workdir import Workdir
 if TYPE_CHECKING:
   from cf3d_jax import checkpoints
 
-AXES = {"axial": 2, "coronal": 1, "sagittal": 0}   # RAS volumes: the axis a view slices across
 VIEWER_MODES = ("auto", "widget", "static")
 
 
@@ -400,12 +400,12 @@ def invert_scan(gen: Generator, path: str, factual: PromptSet, prompt_set: Promp
                 guidance: float, refine_iters: int | None = None,
                 depth: float | None = None) -> Counterfactuals:
   """Counterfactuals of a given scan (as `config.sample.source` makes them): the scan conformed
-  to the training grid (`sample.load_source`), inverted under its factual prompt (one-prompt
+  to the training grid (`invert.load_source`), inverted under its factual prompt (one-prompt
   `factual`) by the conditional model, decoded from that noise under every prompt at guidance w
   with the deterministic sampler. Differences are against the input."""
   import jax
   from cf3d_jax.generate import SAMPLE_STREAM, batched
-  from cf3d_jax.sample import load_source
+  from cf3d_jax.invert import load_source
   if len(factual.prompts) != 1:
     raise PromptError(f"invert_scan takes one factual prompt, got {list(factual.prompts)}")
   cfg = gen.config.sample
@@ -449,10 +449,6 @@ def psnr_to(volumes: np.ndarray, reference: np.ndarray, data_range: float = 2.0)
 
 # ---- slice viewers ---------------------------------------------------------------------------
 
-def _short(title: str, n: int = 30) -> str:
-  return title if len(title) <= n else title[:n - 1] + "…"
-
-
 def panels(cf: Counterfactuals) -> tuple[list[np.ndarray], list[str], list[np.ndarray], list[str]]:
   """(volumes, titles, differences, titles) to show: the input first for an inverted scan;
   differences against the input, else against the first prompt's volume."""
@@ -461,84 +457,11 @@ def panels(cf: Counterfactuals) -> tuple[list[np.ndarray], list[str], list[np.nd
   if cf.input is not None:
     vols, titles = [cf.input] + vols, ["input"] + titles
     diffs = list(difference_maps(cf.volumes, cf.input))
-    dtitles = [f"Δ {_short(t, 24)} − input" for t in cf.prompt_set.prompts]
+    dtitles = [f"Δ {short_title(t, 24)} − input" for t in cf.prompt_set.prompts]
   else:
     diffs = list(difference_maps(cf.volumes))
-    dtitles = [f"Δ {_short(t, 24)} − first" for t in titles[1:]]
+    dtitles = [f"Δ {short_title(t, 24)} − first" for t in titles[1:]]
   return vols, titles, diffs, dtitles
-
-
-def _slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
-  """The 2D slice of `[D, H, W]` across `axis` at `index`, rotated for display."""
-  return np.rot90(np.take(volume, int(index), axis=AXES[axis]))
-
-
-def slice_figure(volumes: Sequence[np.ndarray], titles: Sequence[str],
-                 diffs: Sequence[np.ndarray], diff_titles: Sequence[str], axis: str = "axial",
-                 index: int | None = None):
-  """matplotlib Figure: row 1 the volumes side by side, row 2 their differences (red = brighter,
-  shared symmetric range), all at one slice `index` across `axis` (default: the middle)."""
-  from matplotlib.figure import Figure
-  if axis not in AXES:
-    raise ValueError(f"axis {axis!r}: expected one of {list(AXES)}")
-  size = volumes[0].shape[AXES[axis]]
-  index = size // 2 if index is None else int(np.clip(index, 0, size - 1))
-  cols = len(volumes)
-  offset = cols - len(diffs)              # differences sit under the volume they belong to
-  lim = max([float(np.abs(d).max()) for d in diffs] + [1e-6])
-  rows = 2 if len(diffs) else 1
-  fig = Figure(figsize=(2.1 * cols, 2.3 * rows))
-  axes = fig.subplots(rows, cols, squeeze=False)
-  for c, (v, t) in enumerate(zip(volumes, titles)):
-    axes[0][c].imshow(_slice(v, axis, index), cmap="gray", vmin=-1, vmax=1,
-                      interpolation="nearest")
-    axes[0][c].set_title(_short(t), fontsize=7)
-  if rows == 2:
-    for c in range(cols):
-      if c < offset:
-        axes[1][c].set_visible(False)
-        continue
-      im = axes[1][c].imshow(_slice(diffs[c - offset], axis, index), cmap="RdBu_r", vmin=-lim,
-                             vmax=lim, interpolation="nearest")
-      axes[1][c].set_title(diff_titles[c - offset], fontsize=5)
-    fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8, label="difference")
-  for ax in np.ravel(axes):
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(f"{axis} slice {index} / {size - 1}", fontsize=8)
-  return fig
-
-
-def montage_figure(volumes: Sequence[np.ndarray], titles: Sequence[str],
-                   diffs: Sequence[np.ndarray], diff_titles: Sequence[str], axis: str = "axial",
-                   fractions: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7)):
-  """Static fallback: matplotlib Figure with one row per volume and per difference map, one
-  column per slice position (`fractions` of the extent across `axis`)."""
-  from matplotlib.figure import Figure
-  size = volumes[0].shape[AXES[axis]]
-  idx = [min(size - 1, int(round(f * (size - 1)))) for f in fractions]
-  lim = max([float(np.abs(d).max()) for d in diffs] + [1e-6])
-  rows = [(t, v, "gray", -1.0, 1.0) for t, v in zip(titles, volumes)]
-  rows += [(t, d, "RdBu_r", -lim, lim) for t, d in zip(diff_titles, diffs)]
-  fig = Figure(figsize=(1.5 * len(idx) + 1.6, 1.5 * len(rows)))
-  axes = fig.subplots(len(rows), len(idx), squeeze=False)
-  for r, (t, v, cmap, lo, hi) in enumerate(rows):
-    for c, i in enumerate(idx):
-      axes[r][c].imshow(_slice(v, axis, i), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-      axes[r][c].set_xticks([])
-      axes[r][c].set_yticks([])
-      if r == 0:
-        axes[r][c].set_title(f"{axis} {i}", fontsize=7)
-    axes[r][0].set_ylabel(_short(t, 24), fontsize=6)
-  fig.tight_layout()
-  return fig
-
-
-def figure_png(fig, dpi: int = 100) -> bytes:
-  """The figure rendered as PNG bytes (no pyplot, no GUI backend)."""
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi)
-  return buf.getvalue()
 
 
 def _importable(module: str) -> bool:
@@ -628,12 +551,11 @@ def output_dir(gen: Generator, cf: Counterfactuals) -> str:
 
 def save_nifti(cf: Counterfactuals, out_dir: str) -> list[str]:
   """Writes, each atomically: `{i:02d}_{prompt-slug}.nii.gz` per volume, `diff_{i:02d}_...` per
-  difference map, `input.nii.gz` (inverted scans), `montage.png` (mid-slices, `sample.montage`)
+  difference map, `input.nii.gz` (inverted scans), `montage.png` (mid-slices, `figures.save_montage`)
   and `prompts.json` (prompts, where each embedding came from, guidance, seed, step). Returns
   the paths written."""
   from cf3d_jax.data.nifti import save_volume
   from cf3d_jax.files import slug
-  from cf3d_jax.sample import montage
   ps = cf.prompt_set
   paths = []
   for i, (p, v) in enumerate(zip(ps.prompts, cf.volumes)):
@@ -648,7 +570,7 @@ def save_nifti(cf: Counterfactuals, out_dir: str) -> list[str]:
     save_volume(paths[-1], cf.input, cf.affine)
   vols, titles, _, _ = panels(cf)
   paths.append(os.path.join(out_dir, "montage.png"))
-  montage(paths[-1], vols, titles)
+  save_montage(paths[-1], vols, titles)
   info = {"prompts": list(ps.prompts), "requested": list(ps.requested),
           "embedding_sources": list(ps.sources), "encoder_note": ps.note,
           "guidance_scale": cf.guidance, "seed": cf.seed, "subject": cf.subject,

@@ -8,7 +8,8 @@ from cf3d_jax.config_base import load_config_file
 from cf3d_jax.data import phantom_reference
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.generate import guidance_negatives
-from cf3d_jax.sample import edit_masks, prompt_file_names
+from cf3d_jax.invert import edit_masks
+from cf3d_jax.sample_index import prompt_file_names
 
 
 @pytest.fixture
