@@ -1,5 +1,5 @@
 """notebooks/sample_counterfactuals.ipynb run top to bottom with nbclient against a freshly trained
-smoke checkpoint, and the library behind it (cf3d_jax/notebook.py).
+smoke checkpoint, and the library behind it (cf3d_jax/notebook/).
 
 The module trains the smoke demo once (`modes.run(..., "train")` on the session's prepared data).
 This process and the notebook's kernel share a JAX persistent compilation cache, so the sampler
