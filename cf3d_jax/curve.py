@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cf3d_jax.errors import Cf3dError, ConfigError
+from cf3d_jax.figures import pyplot, save_png
 from cf3d_jax.files import write_text
 from cf3d_jax.workdir import Workdir
 
@@ -108,7 +109,6 @@ def curve_markdown(curve: dict) -> str:
 
 def plot_curve(curve: dict, path: str) -> None:
   """Class-hit rate and FID / floor against training minutes, one line per guidance scale."""
-  from cf3d_jax.evaluate import pyplot, save_png
   plt = pyplot()
   rows = curve["rows"]
   keys = list(rows[0]["scales"]) if rows else []

@@ -40,10 +40,11 @@ from absl import logging
 
 from cf3d_jax import config_base, parallel
 from cf3d_jax.checkpoints import Generator, load_generator
-from cf3d_jax.data import phantoms, records
+from cf3d_jax.data import phantom_reference, records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.errors import ConfigError
-from cf3d_jax.files import atomic_path, write_text
+from cf3d_jax.figures import pyplot, save_png
+from cf3d_jax.files import write_text
 from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
 from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
@@ -154,7 +155,7 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
       wd.records, index, train_entries)]).astype(np.float32)
   fid_floor = fid_lib.frechet_distance(
       *fid_lib.feature_statistics(_features(feats, train_real, bsz)), *real_stats)
-  reference = phantoms.find_reference(wd.reference)
+  reference = phantom_reference.find_reference(wd.reference)
   rule = (phantom_lib.PhantomRule.build(dataset, reference, config.eval.lesion_threshold)
           if reference is not None and tuple(reference.shape) == shape else None)
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
@@ -221,6 +222,22 @@ def _by_scale(result: dict) -> list[dict]:
   return sorted(result["scales"], key=lambda row: row["guidance_scale"])
 
 
+def plot_guidance(result: dict, path: str) -> None:
+  """Alignment (if a classifier was found) and preservation against the guidance scale."""
+  plt = pyplot()
+  rows = _by_scale(result)
+  w = [row["guidance_scale"] for row in rows]
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  ax.plot(w, [row["ms_ssim_preservation"] for row in rows], "o-", label="MS-SSIM preservation")
+  if all("alignment" in row for row in rows):
+    ax.plot(w, [row["alignment"] for row in rows], "s-", label="alignment")
+  ax.set_xlabel("guidance scale w")
+  ax.set_ylim(0, 1.02)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  save_png(fig, path)
+
+
 def results_markdown(result: dict) -> str:
   """Table 1 (first scale) and Table 2 (every scale, increasing w) in the paper's layout."""
   first = result["scales"][0]
@@ -269,34 +286,3 @@ def results_markdown(result: dict) -> str:
                      f"{'—' if ordered is None else f'{100 * ordered:.0f}%'} | "
                      f"{_fmt(gt.get('psnr_outside_wm'), 2)} |")
   return "\n".join(lines) + "\n"
-
-
-def pyplot():
-  """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def save_png(fig, path: str) -> None:
-  """Writes `fig` to `path` atomically as PNG and closes it."""
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format="png")
-  pyplot().close(fig)
-
-
-def plot_guidance(result: dict, path: str) -> None:
-  """Alignment (if a classifier was found) and preservation against the guidance scale."""
-  plt = pyplot()
-  rows = _by_scale(result)
-  w = [row["guidance_scale"] for row in rows]
-  fig, ax = plt.subplots(figsize=(4.5, 3.2))
-  ax.plot(w, [row["ms_ssim_preservation"] for row in rows], "o-", label="MS-SSIM preservation")
-  if all("alignment" in row for row in rows):
-    ax.plot(w, [row["alignment"] for row in rows], "s-", label="alignment")
-  ax.set_xlabel("guidance scale w")
-  ax.set_ylim(0, 1.02)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  save_png(fig, path)

@@ -139,7 +139,7 @@ class LatentSpace:
   Shapes come from the config (`latent_channels`, `downsample`), so training state and
   shardings are known without loading the VAE; `autoencoder`/`params` are set by
   `make_space(..., load_autoencoder=True)` for encoding and decoding. `decode_splits > 1`
-  decodes in chunks along depth (`autoencoder.decode_split`: less memory, GroupNorm statistics
+  decodes in chunks along depth (`chunked_decode.decode_split`: less memory, GroupNorm statistics
   per chunk).
   """
   latent_channels: int = 4
@@ -187,9 +187,9 @@ class LatentSpace:
 
   def decode(self, z: jnp.ndarray) -> jnp.ndarray:
     """z `[N, d, h, w, C_lat]` → image `[N, f·d, f·h, f·w, 1]`."""
-    from cf3d_jax.models import autoencoder as ae_lib
+    from cf3d_jax.models.chunked_decode import decode_split
     model = self._model()
-    return ae_lib.decode_split(model, self.params, z / self._scale(), self.decode_splits, axis=0)
+    return decode_split(model, self.params, z / self._scale(), self.decode_splits, axis=0)
 
   def with_params(self, params) -> "LatentSpace":
     """The same space with `params` (e.g. traced arguments inside jit)."""

@@ -1,5 +1,5 @@
 """notebooks/sample_counterfactuals.ipynb run top to bottom with nbclient against a freshly trained
-smoke checkpoint, and the library behind it (cf3d_jax/notebook.py).
+smoke checkpoint, and the library behind it (cf3d_jax/notebook/).
 
 The module trains the smoke demo once (`modes.run(..., "train")` on the session's prepared data).
 This process and the notebook's kernel share a JAX persistent compilation cache, so the sampler
@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, load_config
 
+from cf3d_jax import figures
 from cf3d_jax import notebook as nb
 from cf3d_jax.errors import ConfigError, DataError, PromptError
 from cf3d_jax.text.table import EmbeddingTable, builtin_table_path, load_table
@@ -180,7 +181,7 @@ def test_static_viewer_fallback(monkeypatch):
   assert len(shown) == 1 and shown[0].data[:4] == b"\x89PNG"
   vols, titles, diffs, dtitles = nb.panels(cf)
   assert titles[0] == "input" and len(vols) == 4 and len(diffs) == 3
-  fig = nb.montage_figure(vols, titles, diffs, dtitles, axis="sagittal")
+  fig = figures.montage_figure(vols, titles, diffs, dtitles, axis="sagittal")
   assert len(fig.axes) == (4 + 3) * 5
 
 
@@ -194,7 +195,7 @@ def test_slice_widget_redraws_on_slider():
   assert image.value != before
   view.value = "axial"
   assert slider.max == 11
-  fig = nb.slice_figure(*nb.panels(cf), axis="axial", index=99)   # clipped to the last slice
+  fig = figures.slice_figure(*nb.panels(cf), axis="axial", index=99)   # clipped to the last slice
   assert fig.get_suptitle() == "axial slice 11 / 11"
 
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from cf3d_jax.config_base import load_config_file
-from cf3d_jax.data import phantoms
+from cf3d_jax.data import phantom_reference
 from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.generate import guidance_negatives
-from cf3d_jax.sample import edit_masks, prompt_file_names
+from cf3d_jax.invert import edit_masks
+from cf3d_jax.sample_index import prompt_file_names
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ def config():
 
 
 def test_template_wm_mask_on_both_grids(config):
-  reference = phantoms.make_reference(tuple(config.data.shape), config.data.fov_mm)
+  reference = phantom_reference.make_reference(tuple(config.data.shape), config.data.fov_mm)
   config.sample.edit_mask = "template_wm"
   mask_z, mask_img = edit_masks(config, reference, (8, 8, 8, 8))
   assert mask_z.shape == (1, 8, 8, 8, 1) and mask_img.shape == (1, 16, 16, 16, 1)

@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import fingerprint
-from cf3d_jax.data import ingest, phantoms, records
+from cf3d_jax.data import ingest, phantom_reference, phantoms, records
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.text.table import EmbeddingTable, builtin_table_path, load_table
@@ -49,7 +49,7 @@ def phantom_classes(num_subjects: int, fractions, seed: int, dataset: str = "ms"
   return [classes[i] for i in labels]
 
 
-def _phantom_records(config, reference: phantoms.Reference) -> Iterator[dict]:
+def _phantom_records(config, reference: phantom_reference.Reference) -> Iterator[dict]:
   """Synthetic subjects: MS FLAIR (label: lesion class, clinical_value: lesion mL, lesion_mask)
   or, for dataset 'adni', AD T1 (label: CN/MCI/AD, clinical_value: lateral ventricle mL,
   ventricle_mask)."""
@@ -117,8 +117,8 @@ def prepare(config, workdir: str, on_error: str = "fail") -> None:
   os.makedirs(wd.data, exist_ok=True)
   prepare_table(config, wd.table)
   if config.data.source == "phantom" and not os.path.exists(wd.reference):
-    reference = phantoms.make_reference(tuple(config.data.shape), config.data.fov_mm)
-    phantoms.save_reference(reference, wd.reference)
+    reference = phantom_reference.make_reference(tuple(config.data.shape), config.data.fov_mm)
+    phantom_reference.save_reference(reference, wd.reference)
   if os.path.exists(os.path.join(wd.records, records.INDEX_NAME)):
     logging.info("records already prepared in %s", wd.records)
     return
@@ -127,7 +127,7 @@ def prepare(config, workdir: str, on_error: str = "fail") -> None:
           "classes": list(prompt_lib.CLASSES[config.data.dataset]),
           "config": fingerprint.record(config, "data")}
   if config.data.source == "phantom":
-    reference = phantoms.load_reference(wd.reference)
+    reference = phantom_reference.load_reference(wd.reference)
     meta["affine"] = reference.affine.tolist()
     index = records.write_dataset(wd.records, _phantom_records(config, reference),
                                   config.data.records_per_shard, meta)

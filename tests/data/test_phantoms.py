@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from cf3d_jax import errors
-from cf3d_jax.data import phantoms
+from cf3d_jax.data import phantom_reference, phantoms
 from cf3d_jax.text import prompts as prompt_lib
 
 SEEDS_PER_CLASS = 3
@@ -16,12 +16,12 @@ SEEDS_PER_CLASS = 3
 
 @pytest.fixture(scope='module', params=[32, 64], ids=['32', '64'])
 def reference(request):
-  return phantoms.make_reference((request.param,) * 3)
+  return phantom_reference.make_reference((request.param,) * 3)
 
 
 @pytest.fixture(scope='module')
 def reference32():
-  return phantoms.make_reference((32, 32, 32))
+  return phantom_reference.make_reference((32, 32, 32))
 
 
 @pytest.fixture(scope='module')
@@ -142,8 +142,8 @@ def test_speed_32(reference32):
 
 def test_save_load_round_trip(reference32, tmp_path):
   path = tmp_path / 'sub' / 'reference.npz'
-  phantoms.save_reference(reference32, path)
-  loaded = phantoms.load_reference(path)
+  phantom_reference.save_reference(reference32, path)
+  loaded = phantom_reference.load_reference(path)
   assert loaded.shape == reference32.shape
   assert loaded.voxel_ml == reference32.voxel_ml
   np.testing.assert_array_equal(loaded.affine, reference32.affine)
@@ -168,7 +168,7 @@ def test_load_version_1_file(reference32, tmp_path):
                       affine=reference32.affine, voxel_ml=np.float64(reference32.voxel_ml),
                       **{k: getattr(reference32, k) for k in ('t1', 'gm', 'wm', 'csf', 'brain_mask',
                                                               'wm_mask', 'ventricle_mask')})
-  loaded = phantoms.load_reference(path)
+  loaded = phantom_reference.load_reference(path)
   np.testing.assert_array_equal(loaded.ventricle_fraction, reference32.ventricle_fraction)
   np.testing.assert_array_equal(loaded.ventricle_mask, reference32.ventricle_mask)
   one = phantoms.make_ad_subject(loaded, 'MCI', np.random.default_rng(4))
@@ -178,36 +178,36 @@ def test_load_version_1_file(reference32, tmp_path):
 
 def test_load_unknown_version_and_missing_fraction(reference32, tmp_path):
   path = tmp_path / 'future.npz'
-  phantoms.save_reference(reference32, path)
+  phantom_reference.save_reference(reference32, path)
   with np.load(path) as data:
     arrays = {k: data[k] for k in data.files}
   np.savez(path, **dict(arrays, format_version=np.int64(99)))
   with pytest.raises(errors.DataError, match='future.npz.*version 99'):
-    phantoms.load_reference(path)
+    phantom_reference.load_reference(path)
   path = tmp_path / 'v2_without_fraction.npz'
   np.savez(path, **{k: v for k, v in arrays.items() if k != 'ventricle_fraction'})
   with pytest.raises(errors.DataError, match='v2_without_fraction.npz.*ventricle_fraction'):
-    phantoms.load_reference(path)
+    phantom_reference.load_reference(path)
 
 
 def test_load_missing_file(tmp_path):
   path = tmp_path / 'nope.npz'
   with pytest.raises(errors.DataError, match='nope.npz'):
-    phantoms.load_reference(path)
+    phantom_reference.load_reference(path)
 
 
 def test_load_corrupt_file(tmp_path):
   path = tmp_path / 'corrupt.npz'
   path.write_bytes(b'this is not a zip file')
   with pytest.raises(errors.DataError, match='corrupt.npz'):
-    phantoms.load_reference(path)
+    phantom_reference.load_reference(path)
 
 
 def test_load_incomplete_file(tmp_path):
   path = tmp_path / 'partial.npz'
   np.savez(path, shape=np.array([4, 4, 4]))
   with pytest.raises(errors.DataError, match='partial.npz'):
-    phantoms.load_reference(path)
+    phantom_reference.load_reference(path)
 
 
 def test_unknown_class(reference32):
@@ -219,11 +219,11 @@ def test_unknown_class(reference32):
                                    None, (32, 32, 32, 1)])
 def test_bad_shape(shape):
   with pytest.raises(ValueError, match='3 positive ints'):
-    phantoms.make_reference(shape)
+    phantom_reference.make_reference(shape)
 
 
 def test_grid_too_coarse_for_class():
-  reference = phantoms.make_reference((6, 6, 6))  # 32 mm voxels: 33 mL each
+  reference = phantom_reference.make_reference((6, 6, 6))  # 32 mm voxels: 33 mL each
   with pytest.raises(ValueError, match='too coarse'):
     phantoms.make_ms_subject(reference, 'moderate', np.random.default_rng(0))
 
@@ -234,7 +234,7 @@ def test_grid_too_coarse_for_class():
 
 @pytest.fixture(scope='module', params=[32, 48], ids=['32', '48'])
 def ad_reference(request):
-  return phantoms.make_reference((request.param,) * 3)
+  return phantom_reference.make_reference((request.param,) * 3)
 
 
 @pytest.fixture(scope='module')
@@ -396,6 +396,6 @@ def test_ad_unknown_class_and_bad_parameters(reference32):
 
 
 def test_ad_grid_too_coarse():
-  reference = phantoms.make_reference((6, 6, 6))  # 32 mm voxels: the ventricles fill 0.35 voxel
+  reference = phantom_reference.make_reference((6, 6, 6))  # 32 mm voxels: the ventricles fill 0.35 voxel
   with pytest.raises(ValueError, match='finer grid'):
     phantoms.make_ad_subject(reference, 'CN', np.random.default_rng(0))

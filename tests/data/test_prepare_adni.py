@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cf3d_jax import config_base
-from cf3d_jax.data import phantoms, records
+from cf3d_jax.data import phantom_reference, phantoms, records
 from cf3d_jax.data.prepare import data_paths, phantom_classes, prepare
 from cf3d_jax.errors import ConfigError, PromptError
 from cf3d_jax.text import prompts as prompt_lib
@@ -76,7 +76,7 @@ def test_prepare_writes_ad_records(adni_workdir):
   assert len(recs) == NUM_SUBJECTS == len(index["records"])
   labels = [int(r["label"]) for r in recs]
   assert set(labels) == {0, 1, 2}
-  reference = phantoms.load_reference(data_paths(workdir)["reference"])
+  reference = phantom_reference.load_reference(data_paths(workdir)["reference"])
   for rec, entry in zip(recs, index["records"]):
     assert rec["volume"].shape == tuple(config.data.shape) + (1,)
     assert rec["volume"].dtype == np.float32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cf3d_jax.data import phantoms
+from cf3d_jax.data import phantom_reference, phantoms
 from cf3d_jax.metrics import lesion
 
 SEEDS_PER_CLASS = 3
@@ -21,7 +21,7 @@ MAX_REL_ERROR = 0.02  # relative to the ground truth, for volumes of 5 mL and mo
 def measured(request):
   """(grid size, reference, ground truths [N], measured [N], labels [N]) over all classes."""
   n = request.param
-  reference = phantoms.make_reference((n, n, n))
+  reference = phantom_reference.make_reference((n, n, n))
   truth, meas, labels = [], [], []
   for i, c in enumerate(phantoms.MS_CLASSES):
     for s in range(SEEDS_PER_CLASS):

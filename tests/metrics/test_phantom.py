@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cf3d_jax.data import phantoms
+from cf3d_jax.data import phantom_reference, phantoms
 from cf3d_jax.metrics import phantom
 from cf3d_jax.text.prompts import canonical_prompt
 
@@ -42,7 +42,7 @@ def test_prompt_effect_adni_orders_ventricles_and_has_no_class_range():
 
 
 def test_rule_measures_phantoms_at_their_ground_truth():
-  reference = phantoms.make_reference((32, 32, 32), 192.0)
+  reference = phantom_reference.make_reference((32, 32, 32), 192.0)
   rule = phantom.PhantomRule.build("ms", reference, 0.2)
   rng = np.random.default_rng(3)
   for cls in ("minimal", "high"):

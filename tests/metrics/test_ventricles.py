@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from cf3d_jax.data import phantoms
+from cf3d_jax.data import phantom_reference, phantoms
 from cf3d_jax.metrics import ventricles
 
 
 @pytest.fixture(scope="module")
 def reference():
-  return phantoms.make_reference((32, 32, 32), 192.0)
+  return phantom_reference.make_reference((32, 32, 32), 192.0)
 
 
 def test_rule_orders_classes_and_tracks_ground_truth(reference):

@@ -15,9 +15,10 @@ from cf3d_jax.errors import ConfigError
 from cf3d_jax.models import layers
 from cf3d_jax.models.autoencoder import (LOGVAR_RANGE, AutoencoderConfigError, AutoencoderKL,
                                          abstract_params, autoencoder_hparams,
-                                         build_autoencoder, count_params, decode_split,
-                                         decoder_halo, init_params, param_logical_axes,
-                                         sample_latent, upsample_trilinear_2x)
+                                         build_autoencoder, count_params, init_params,
+                                         param_logical_axes, sample_latent,
+                                         upsample_trilinear_2x)
+from cf3d_jax.models.chunked_decode import decode_split, decoder_halo
 
 TINY = dict(channels=(8, 16, 16), num_res_blocks=(1, 1, 1), norm_num_groups=4)
 MAISI_PARAMS = 20_944_897  # sum(p.numel()) of MONAI's AutoencoderKlMaisi, MAISI config

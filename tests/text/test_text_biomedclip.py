@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 
 from cf3d_jax.errors import ConfigError, DataError, PromptError
+from cf3d_jax.text import biomedclip
 from cf3d_jax.text import embed
+from cf3d_jax.text import encoder_base
 from cf3d_jax.text import encoders
+from cf3d_jax.text import open_clip_files
 from cf3d_jax.text.embed import embed_prompts
 from cf3d_jax.text.table import load_table
 
@@ -98,7 +101,7 @@ def _write_folder(folder, minilm_path, text_state, text_cfg=None, config_json=No
                          'std': [0.26862954, 0.26130258, 0.27577711]}}
   with open(os.path.join(folder, 'open_clip_config.json'), 'w') as f:
     json.dump(config, f)
-  for name in encoders.TOKENIZER_FILES:
+  for name in open_clip_files.TOKENIZER_FILES:
     shutil.copy(os.path.join(minilm_path, name), os.path.join(folder, name))
   if config_json is not None:
     config_json.to_json_file(os.path.join(folder, 'config.json'))
@@ -165,25 +168,25 @@ def reference(minilm_path, text_state):
 
 @pytest.fixture(scope='module')
 def tokens_encoder(clip_dir):
-  return encoders.BiomedCLIPEncoder(clip_dir, output='tokens')
+  return biomedclip.BiomedCLIPEncoder(clip_dir, output='tokens')
 
 
 def test_open_clip_spec(tmp_path):
-  hub = encoders.BIOMEDCLIP_HUB
-  assert encoders.open_clip_spec(hub) == hub
-  assert encoders.open_clip_spec(str(tmp_path)) == f'local-dir:{tmp_path}'
-  assert encoders.open_clip_spec(f'local-dir:{tmp_path}') == f'local-dir:{tmp_path}'
+  hub = open_clip_files.BIOMEDCLIP_HUB
+  assert open_clip_files.open_clip_spec(hub) == hub
+  assert open_clip_files.open_clip_spec(str(tmp_path)) == f'local-dir:{tmp_path}'
+  assert open_clip_files.open_clip_spec(f'local-dir:{tmp_path}') == f'local-dir:{tmp_path}'
   with pytest.raises(DataError, match='nowhere'):
-    encoders.open_clip_spec(f'local-dir:{tmp_path}/nowhere')
+    open_clip_files.open_clip_spec(f'local-dir:{tmp_path}/nowhere')
   with pytest.raises(DataError, match='nowhere'):
-    encoders.open_clip_spec(f'{tmp_path}/nowhere')
+    open_clip_files.open_clip_spec(f'{tmp_path}/nowhere')
   with pytest.raises(ConfigError, match='ViT-B-32'):
-    encoders.open_clip_spec('ViT-B-32')
+    open_clip_files.open_clip_spec('ViT-B-32')
 
 
 def test_bad_output_is_a_config_error():
   with pytest.raises(ConfigError, match='pooled'):
-    encoders.BiomedCLIPEncoder(output='pooled')
+    biomedclip.BiomedCLIPEncoder(output='pooled')
 
 
 def test_tokens_match_reference(tokens_encoder, reference):
@@ -202,13 +205,13 @@ def test_tokens_match_reference(tokens_encoder, reference):
 
 
 def test_projected_matches_reference(clip_dir, tokens_encoder, reference):
-  encoder = encoders.BiomedCLIPEncoder(f'local-dir:{clip_dir}', output='projected')
+  encoder = biomedclip.BiomedCLIPEncoder(f'local-dir:{clip_dir}', output='projected')
   emb, mask = encoder.encode(PROMPTS)
   assert emb.shape == (3, 1, EMBED_DIM) and mask.shape == (3, 1) and mask.all()
   assert (encoder.kind, encoder.dim, encoder.length) == ('projected', EMBED_DIM, 1)
   assert encoder.weights_sha256 == tokens_encoder.weights_sha256
   np.testing.assert_allclose(emb[:, 0], reference[3], atol=1e-5)
-  unit_encoder = encoders.BiomedCLIPEncoder(clip_dir, output='projected', normalize=True)
+  unit_encoder = biomedclip.BiomedCLIPEncoder(clip_dir, output='projected', normalize=True)
   unit, _ = unit_encoder.encode(PROMPTS)
   np.testing.assert_allclose(unit, emb / np.linalg.norm(emb, axis=-1, keepdims=True), atol=1e-6)
   assert unit_encoder.describe()['normalized'] and not encoder.describe()['normalized']
@@ -235,7 +238,7 @@ def test_deterministic_and_table_round_trip(clip_dir, tokens_encoder, tmp_path):
 
 def test_weights_hash_is_the_text_tower(tokens_encoder, text_state):
   # The checkpoint's text.* tensors (not position_ids, the vision tower or logit_scale).
-  assert tokens_encoder.weights_sha256 == encoders.state_dict_sha256(text_state)
+  assert tokens_encoder.weights_sha256 == encoder_base.state_dict_sha256(text_state)
 
 
 def test_cli_embeds_with_biomedclip(clip_dir, tmp_path):
@@ -262,7 +265,7 @@ def test_text_config_json_wins_over_inference(where, minilm_path, text_state, re
     folder = _write_folder(tmp_path / 'clip', minilm_path, text_state,
                            text_cfg={'hf_model_name': str(bert_dir)})
     label = str(bert_dir)
-  encoder = encoders.BiomedCLIPEncoder(folder, output='tokens')
+  encoder = biomedclip.BiomedCLIPEncoder(folder, output='tokens')
   assert encoder.describe()['text_config'] == label
   emb, mask = encoder.encode(PROMPTS)
   _, _, hidden, _ = _reference(minilm_path, text_state, PROMPTS, config)
@@ -278,7 +281,7 @@ def test_other_poolers_and_projections(pooler, proj, minilm_path, tmp_path):
   state = _text_state(seed=1, proj=proj, pooling_layer=pooler == 'cls_pooler')
   folder = _write_folder(tmp_path, minilm_path, state,
                          text_cfg={'hf_pooler_type': pooler, 'hf_proj_type': proj})
-  encoder = encoders.BiomedCLIPEncoder(folder, output='projected')
+  encoder = biomedclip.BiomedCLIPEncoder(folder, output='projected')
   emb, _ = encoder.encode(PROMPTS)
   _, _, _, expected = _reference(minilm_path, state, PROMPTS, _bert_config(),
                                  pooler=pooler or 'cls_last_hidden_state_pooler', proj=proj)
@@ -291,7 +294,7 @@ def test_safetensors_weights_are_read_and_preferred(minilm_path, text_state, tmp
   pytest.importorskip('safetensors')
   folder = _write_folder(tmp_path, minilm_path, text_state, weights='open_clip_model.safetensors')
   torch.save({'garbage': torch.zeros(1)}, os.path.join(folder, WEIGHTS))  # not chosen
-  encoder = encoders.BiomedCLIPEncoder(folder)
+  encoder = biomedclip.BiomedCLIPEncoder(folder)
   assert encoder.describe()['checkpoint'] == 'open_clip_model.safetensors'
   assert encoder.weights_sha256 == tokens_encoder.weights_sha256
   np.testing.assert_array_equal(encoder.encode(PROMPTS)[0], tokens_encoder.encode(PROMPTS)[0])
@@ -301,61 +304,61 @@ def test_nested_state_dict_with_module_prefix(minilm_path, text_state, tmp_path,
                                               tokens_encoder):
   whole = {'state_dict': {'module.' + k: v for k, v in _checkpoint(text_state).items()}}
   folder = _write_folder(tmp_path, minilm_path, text_state, whole=whole)
-  assert encoders.BiomedCLIPEncoder(folder).weights_sha256 == tokens_encoder.weights_sha256
+  assert biomedclip.BiomedCLIPEncoder(folder).weights_sha256 == tokens_encoder.weights_sha256
 
 
 def test_context_length_pads_and_too_long_prompt_is_an_error(clip_dir, tokens_encoder):
-  short = encoders.BiomedCLIPEncoder(clip_dir, context_length=9)
+  short = biomedclip.BiomedCLIPEncoder(clip_dir, context_length=9)
   emb, mask = short.encode(PROMPTS)
   assert emb.shape == (3, 9, WIDTH) and mask.sum(1).tolist() == [2, 9, 9]
   np.testing.assert_allclose(emb, tokens_encoder.encode(PROMPTS)[0][:, :9], atol=1e-5)
   with pytest.raises(PromptError, match=r'lesion load.*10 tokens.*context length 9'):
     short.encode(['Subject has high lesion load today.'])
   with pytest.raises(ConfigError, match=f'exceeds the text tower limit {POSITIONS}'):
-    encoders.BiomedCLIPEncoder(clip_dir, context_length=POSITIONS + 1)
+    biomedclip.BiomedCLIPEncoder(clip_dir, context_length=POSITIONS + 1)
 
 
 def test_cleaning_like_open_clip(clip_dir, tokens_encoder):
   emb, _ = tokens_encoder.encode(['  Subject has\thigh lesion\n load.  '])
   np.testing.assert_array_equal(emb, tokens_encoder.encode(['Subject has high lesion load.'])[0])
-  clean = encoders._clean_function('canonicalize', None)  # pylint: disable=protected-access
+  clean = open_clip_files.clean_function('canonicalize', None)
   assert clean(" Hello_World,  it's &amp; ok ") == 'hello world its ok'
-  plain = encoders._clean_function('whitespace', None)  # pylint: disable=protected-access
+  plain = open_clip_files.clean_function('whitespace', None)
   with pytest.raises(PromptError, match='ftfy'):
     plain('Alzheimer\u2019s disease')
   try:
     import ftfy  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
-  fixed = encoders._clean_function('whitespace', ftfy)  # pylint: disable=protected-access
+  fixed = open_clip_files.clean_function('whitespace', ftfy)
   assert fixed('Alzheimer\u2019s  disease') == "Alzheimer's disease"
 
 
 def test_strip_sep_token(minilm_path, text_state, tmp_path):
   folder = _write_folder(tmp_path, minilm_path, text_state,
                          text_cfg={'tokenizer_kwargs': {'strip_sep_token': True}})
-  _, mask = encoders.BiomedCLIPEncoder(folder).encode(PROMPTS)
+  _, mask = biomedclip.BiomedCLIPEncoder(folder).encode(PROMPTS)
   assert mask.sum(1).tolist() == [1, 8, 8]  # [SEP] became padding
 
 
 def test_missing_folder_config_or_weights(minilm_path, text_state, tmp_path):
   with pytest.raises(DataError, match='nowhere'):
-    encoders.BiomedCLIPEncoder(str(tmp_path / 'nowhere'))
+    biomedclip.BiomedCLIPEncoder(str(tmp_path / 'nowhere'))
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(DataError, match=f'{empty} has no open_clip_config.json'):
-    encoders.BiomedCLIPEncoder(str(empty))
+    biomedclip.BiomedCLIPEncoder(str(empty))
   folder = _write_folder(tmp_path / 'noweights', minilm_path, text_state, weights=None)
   with pytest.raises(DataError, match=r'no open_clip weights in .*noweights: looked for '
                      r'open_clip_model.safetensors.*open_clip_pytorch_model.bin.*hf download '
-                     + encoders.BIOMEDCLIP_REPO):
-    encoders.BiomedCLIPEncoder(folder)
+                     + open_clip_files.BIOMEDCLIP_REPO):
+    biomedclip.BiomedCLIPEncoder(folder)
 
 
 def test_hub_name_not_in_local_cache_says_how_to_download():
   with pytest.raises(DataError, match=r'not in the local Hugging Face cache.*hf download '
                      r'nobody-cf3d/no-such-biomedclip --local-dir PATH'):
-    encoders.BiomedCLIPEncoder('hf-hub:nobody-cf3d/no-such-biomedclip')
+    biomedclip.BiomedCLIPEncoder('hf-hub:nobody-cf3d/no-such-biomedclip')
 
 
 def test_keys_must_match_the_text_tower(minilm_path, text_state, tmp_path):
@@ -363,26 +366,26 @@ def test_keys_must_match_the_text_tower(minilm_path, text_state, tmp_path):
   folder = _write_folder(tmp_path / 'a', minilm_path, missing)
   with pytest.raises(DataError, match=r'do not fit the text tower of .*a \(.*missing keys: '
                      r'text.proj.2.weight; unexpected keys: none'):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
   extra = {**text_state, 'text.transformer.pooler.dense.weight': torch.zeros(WIDTH, WIDTH)}
   folder = _write_folder(tmp_path / 'b', minilm_path, extra)
   with pytest.raises(DataError, match=r'missing keys: none; unexpected keys: '
                      r'text.transformer.pooler.dense.weight'):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
   wrong = {**text_state, 'text.proj.2.weight': torch.zeros(EMBED_DIM, 7)}
   folder = _write_folder(tmp_path / 'c', minilm_path, wrong)
   with pytest.raises(DataError, match=r'do not fit .*proj.2.weight'):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
 
 
 def test_no_hf_text_tower_is_a_config_error(minilm_path, text_state, tmp_path):
   folder = _write_folder(tmp_path / 'a', minilm_path, text_state, text_cfg={'hf_model_name': None})
   with pytest.raises(ConfigError, match='no Hugging Face text tower'):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
   native = {'text.token_embedding.weight': torch.zeros(10, 8), 'visual.proj': torch.zeros(8, 8)}
   folder = _write_folder(tmp_path / 'b', minilm_path, text_state, whole=native)
   with pytest.raises(ConfigError, match=r'has no Hugging Face text tower \(no text.transformer'):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
 
 
 @pytest.mark.parametrize('text_cfg,message', [
@@ -394,18 +397,18 @@ def test_no_hf_text_tower_is_a_config_error(minilm_path, text_state, tmp_path):
 def test_bad_text_cfg_is_a_config_error(text_cfg, message, minilm_path, text_state, tmp_path):
   folder = _write_folder(tmp_path, minilm_path, text_state, text_cfg=text_cfg)
   with pytest.raises(ConfigError, match=message):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
 
 
 def test_heads_not_inferable_asks_for_config_json(minilm_path, tmp_path):
   state = _text_state(width=96, proj='linear')
   folder = _write_folder(tmp_path, minilm_path, state, text_cfg={'hf_proj_type': 'linear'})
   with pytest.raises(ConfigError, match=r'96-wide.*config.json'):
-    encoders.BiomedCLIPEncoder(folder)
+    biomedclip.BiomedCLIPEncoder(folder)
 
 
 def test_infer_bert_config(text_state):
-  config = encoders.infer_bert_config({k[len('text.'):]: v for k, v in text_state.items()})
+  config = open_clip_files.infer_bert_config({k[len('text.'):]: v for k, v in text_state.items()})
   assert (config.vocab_size, config.hidden_size, config.num_hidden_layers,
           config.num_attention_heads, config.intermediate_size, config.max_position_embeddings,
           config.type_vocab_size, config.pad_token_id) == (
@@ -436,7 +439,7 @@ def test_matches_open_clip(pooler, proj, minilm_path, tmp_path):
                    'hf_proj_type': proj, 'hf_pooler_type': pooler,
                    'context_length': CONTEXT}}}
   (folder / 'open_clip_config.json').write_text(json.dumps(config))
-  for name in encoders.TOKENIZER_FILES:
+  for name in open_clip_files.TOKENIZER_FILES:
     shutil.copy(os.path.join(minilm_path, name), folder / name)
   model = open_clip.create_model(f'local-dir:{folder}')
   torch.save(model.state_dict(), folder / WEIGHTS)
@@ -448,9 +451,9 @@ def test_matches_open_clip(pooler, proj, minilm_path, tmp_path):
     expected = model.encode_text(ids).numpy()
     hidden = model.text.transformer(input_ids=ids,
                                     attention_mask=(ids != 0).long()).last_hidden_state.numpy()
-  projected = encoders.BiomedCLIPEncoder(str(folder), output='projected')
+  projected = biomedclip.BiomedCLIPEncoder(str(folder), output='projected')
   assert projected.describe()['text_config'] == str(bert_dir)
   np.testing.assert_allclose(projected.encode(PROMPTS)[0][:, 0], expected, atol=1e-5)
-  emb, mask = encoders.BiomedCLIPEncoder(str(folder)).encode(PROMPTS)
+  emb, mask = biomedclip.BiomedCLIPEncoder(str(folder)).encode(PROMPTS)
   np.testing.assert_array_equal(mask, ids.numpy() != 0)
   np.testing.assert_allclose(emb, hidden * mask[..., None], atol=1e-5)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cf3d_jax.errors import ConfigError, DataError, PromptError
+from cf3d_jax.text import encoder_base
 from cf3d_jax.text import encoders
 from cf3d_jax.text import prompts as prompts_lib
 from cf3d_jax.text.embed import embed_prompts
@@ -97,11 +98,11 @@ def test_weights_hash_is_deterministic(mean_encoder, minilm_path):
   assert mean_encoder.weights_sha256 == again.weights_sha256
   assert len(mean_encoder.weights_sha256) == 64
   state = dict(again._net.state_dict())  # pylint: disable=protected-access
-  assert encoders.state_dict_sha256(dict(reversed(list(state.items())))) == (
+  assert encoder_base.state_dict_sha256(dict(reversed(list(state.items())))) == (
       mean_encoder.weights_sha256)
   key = sorted(state)[-1]
   state[key] = state[key].clone() + torch.finfo(state[key].dtype).eps
-  assert encoders.state_dict_sha256(state) != mean_encoder.weights_sha256
+  assert encoder_base.state_dict_sha256(state) != mean_encoder.weights_sha256
 
 
 def test_resolve_model_names(minilm_path, tmp_path):

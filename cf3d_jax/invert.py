@@ -1,0 +1,255 @@
+"""Counterfactuals of given scans (`--mode=sample` with `config.sample.source` set).
+
+`sample_from_sources`: each scan is conformed to the training grid, inverted deterministically
+under its factual prompt (DDIM or rectified-flow ODE inversion, `objectives.guidance.invert_loop`,
+conditional model), then decoded from that noise under every prompt and guidance scale with the
+deterministic sampler. Outputs under `WORKDIR/samples_source/` in the layout of `samples/`
+(`subject_k` = the k-th scan), plus `subject_{k:03d}/input.nii.gz` (the conformed scan),
+montages whose first row is the input and whose differences are against it, and in index.json
+each scan's `reconstruction_psnr_db` (invert → decode under the factual prompt at w = 1) and
+each item's `psnr_vs_input_db`.
+
+`resolve_sources` reads what `config.sample.source` names, `load_source` conforms a scan to the
+training grid, `edit_masks` makes the masks of blended editing (`config.sample.edit_mask`). The
+output folder is written as `cf3d_jax.sample` writes `samples/` (`sample_index.output_folder`).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from cf3d_jax import sample_index
+from cf3d_jax.checkpoints import load_generator
+from cf3d_jax.data import nifti, phantom_reference
+from cf3d_jax.errors import ConfigError, DataError
+from cf3d_jax.figures import save_montage
+from cf3d_jax.files import write_text
+from cf3d_jax.generate import SAMPLE_STREAM, batched, guidance_negatives, make_inverter, \
+    make_sampler, mesh_kwargs
+from cf3d_jax.metrics.image import psnr
+from cf3d_jax.text import prompts as prompt_lib
+from cf3d_jax.workdir import Workdir
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def resolve_sources(spec: str, dataset: str) -> list[dict]:
+  """The scans `config.sample.source` names: `[{"path", "prompt" (or None)}]`.
+
+  spec: comma-separated NIfTI paths, globs and folders (every *.nii / *.nii.gz inside, sorted),
+  or one CSV with a `path` column (relative to the CSV) and optionally `prompt`, or
+  `lesion_volume_ml` (ms) / `diagnosis` (adni) from which the class's canonical prompt is made.
+  """
+  if spec.endswith(".csv"):
+    return _sources_from_csv(spec, dataset)
+  out = []
+  for part in (p.strip() for p in spec.split(",")):
+    if not part:
+      continue
+    if os.path.isdir(part):
+      found = sorted(f for f in glob.glob(os.path.join(part, "*")) if f.endswith(NIFTI_SUFFIXES))
+      if not found:
+        raise DataError(f"{part}: config.sample.source folder holds no .nii/.nii.gz files")
+    elif any(ch in part for ch in "*?["):
+      found = sorted(glob.glob(part))
+      if not found:
+        raise DataError(f"{part}: config.sample.source pattern matches no file")
+    elif not os.path.exists(part):
+      raise DataError(f"{part}: config.sample.source file not found")
+    else:
+      found = [part]
+    out += [{"path": f, "prompt": None} for f in found]
+  if not out:
+    raise ConfigError(f"config.sample.source={spec!r} names no scan")
+  return out
+
+
+def _sources_from_csv(path: str, dataset: str) -> list[dict]:
+  if not os.path.exists(path):
+    raise DataError(f"{path}: config.sample.source CSV not found")
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "path" not in rows[0]:
+    raise DataError(f"{path}: source CSV needs a header with a `path` column and at least one row")
+  base = os.path.dirname(os.path.abspath(path))
+  out = []
+  for n, row in enumerate(rows, start=2):
+    prompt = row.get("prompt") or None
+    try:
+      if prompt is None and row.get("lesion_volume_ml"):
+        prompt = prompt_lib.canonical_prompt(
+            "ms", prompt_lib.lesion_class(float(row["lesion_volume_ml"])))
+      elif prompt is None and row.get("diagnosis"):
+        prompt = prompt_lib.canonical_prompt("adni", prompt_lib.diagnosis_class(row["diagnosis"]))
+    except (ValueError, DataError) as e:
+      raise DataError(f"{path} row {n}: {e}") from e
+    scan = row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])
+    if not os.path.exists(scan):
+      raise DataError(f"{path} row {n}: scan {scan} not found")
+    out.append({"path": scan, "prompt": prompt})
+  del dataset
+  return out
+
+
+def _factual_prompts(config, sources: list[dict], prompts: list[str]) -> list[str]:
+  given = list(config.sample.source_prompts)
+  if given and len(given) != len(sources):
+    raise ConfigError(f"config.sample.source_prompts has {len(given)} prompts for "
+                      f"{len(sources)} source scans; give one per scan or none")
+  return [given[k] if given else (s["prompt"] or prompts[0]) for k, s in enumerate(sources)]
+
+
+def load_source(path: str, config, grid_affine: np.ndarray | None = None) -> np.ndarray:
+  """A scan conformed to the training grid, float32 `[D, H, W]` in [-1, 1] (as `prepare` does).
+
+  A volume already on the training grid (shape `data.shape`, affine `grid_affine`) with
+  intensities in [-1, 1] — a generated sample, or a prepared subject written by
+  `cf3d_jax.data.export` — is taken as it is: re-normalising it by percentiles would change it.
+  """
+  data, affine = nifti.load_volume(path)
+  if (grid_affine is not None and data.shape == tuple(config.data.shape)
+      and np.allclose(affine, grid_affine, atol=1e-3)
+      and float(data.min()) >= -1.0 - 1e-6 and float(data.max()) <= 1.0 + 1e-6):
+    return np.clip(data, -1.0, 1.0).astype(np.float32)
+  try:
+    volume, _ = nifti.conform(data, affine, config.data.shape, config.data.fov_mm,
+                              config.data.intensity_percentiles)
+  except DataError as e:
+    raise DataError(f"{path}: {e}") from e
+  return volume
+
+
+def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+  """`config.sample.edit_mask` → (mask on z's grid `[1, d, h, w, 1]`, image mask
+  `[1, D, H, W, 1]`), float32 in {0, 1}; None when unset. 'template_wm' = the phantom
+  reference's white-matter mask (where lesions are measured); else a NIfTI mask on the training
+  grid (nonzero = editable). A z voxel is editable if any image voxel it covers is."""
+  spec = config.sample.edit_mask
+  if not spec:
+    return None
+  shape = tuple(config.data.shape)
+  if spec == "template_wm":
+    if reference is None:
+      raise ConfigError("config.sample.edit_mask='template_wm' needs the phantom reference "
+                        "(WORKDIR/data/reference.npz, written by prepare for phantom data); give "
+                        "a NIfTI mask path instead")
+    mask = np.asarray(reference.wm_mask, bool)
+  else:
+    data, _ = nifti.load_volume(spec)
+    if data.shape != shape:
+      raise DataError(f"{spec}: edit mask of shape {data.shape}; expected the training grid "
+                      f"{shape} (config.data.shape)")
+    mask = data != 0
+  if not mask.any():
+    raise DataError(f"config.sample.edit_mask={spec!r}: the mask is empty")
+  f = [s // z for s, z in zip(shape, tuple(z_shape)[:3])]
+  d, h, w = tuple(z_shape)[:3]
+  mask_z = mask.reshape(d, f[0], h, f[1], w, f[2]).any(axis=(1, 3, 5))
+  as_input = lambda m: m.astype(np.float32)[None, ..., None]
+  return as_input(mask_z), as_input(mask)
+
+
+def sample_from_sources(config, workdir: str) -> dict:
+  """Real-subject counterfactuals of the scans `config.sample.source` names (module docstring)."""
+  from tqdm import tqdm
+  gen = load_generator(config, workdir)
+  prompts = list(config.sample.prompts)
+  emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
+  reference = phantom_reference.find_reference(Workdir(workdir).reference)
+  rule = sample_index.phantom_rule(reference, config)
+  sources = resolve_sources(config.sample.source, config.data.dataset)
+  factual = _factual_prompts(config, sources, prompts)
+  f_emb, f_mask = gen.table.lookup(factual)
+  inputs = np.stack([load_source(s["path"], config, gen.affine)
+                     for s in tqdm(sources, desc="loading", unit="scan",
+                                              disable=jax.process_index() > 0)])[..., None]
+  n, bsz = len(sources), config.sample.batch_size
+  depth = float(config.sample.inversion_depth)
+  on_mesh = mesh_kwargs(gen, bsz, "sample.batch_size")
+  masks = edit_masks(config, reference, gen.latent_shape)
+  invert = make_inverter(gen.model, gen.objective, gen.space, config.sample.inversion_refine,
+                         depth, trajectory=masks is not None, **on_mesh)
+  z_T = batched(lambda _, x, e, m: invert(gen.params, x, e, m), n, bsz, inputs, f_emb, f_mask)
+  z_T, known = z_T if masks is not None else (z_T, None)
+  key = jax.random.key(config.seed + SAMPLE_STREAM)
+  # Reconstruction: decode under the factual prompt with the conditional model.
+  plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
+                       depth=depth, **on_mesh)
+  recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n, bsz, z_T, f_emb, f_mask)
+  recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
+  items = [(k, p) for k in range(n) for p in range(len(prompts))]
+  ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
+  out_dir = Workdir(workdir).samples_source
+  names = sample_index.prompt_file_names(prompts)
+  entries = []
+  with sample_index.output_folder(out_dir) as tmp_dir:   # None on processes that do not write
+    for scale in config.sample.guidance_scales:
+      run = make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
+                         deterministic=True, depth=depth, edit_masks=masks,
+                         interval=tuple(config.sample.guidance_interval),
+                         rescale=float(config.sample.guidance_rescale), **on_mesh)
+      neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
+                                        f_emb[ks], f_mask[ks], gen.null)
+      if masks is None:
+        x = batched(lambda _, z, e, m, ne, nm: run(gen.params, z, e, m, key, ne, nm), len(items),
+                    bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m)
+      else:
+        x = batched(lambda _, z, e, m, ne, nm, kn, xin: run(gen.params, z, e, m, key, kn, xin, ne,
+                                                            nm),
+                    len(items), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, known[ks],
+                    inputs[ks])
+      scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
+      for k, src in enumerate(sources):
+        sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
+        write = tmp_dir is not None   # multi-host: every process samples, process 0 writes
+        if write:
+          nifti.save_volume(os.path.join(tmp_dir, sub, "input.nii.gz"), inputs[k, ..., 0],
+                            gen.affine)
+        vols = []
+        for i in np.flatnonzero(ks == k):
+          prompt = prompts[ps[i]]
+          rel = os.path.join(sub, names[ps[i]])
+          if write:
+            nifti.save_volume(os.path.join(tmp_dir, rel), x[i, ..., 0], gen.affine)
+          entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
+                   "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
+                   "psnr_vs_input_db": float(scores[i])}
+          sample_index.ground_truth_stats(entry, x[i, ..., 0], rule, inputs[k, ..., 0])
+          entries.append(entry)
+          vols.append(x[i, ..., 0])
+        if write:
+          save_montage(os.path.join(tmp_dir, sub) + ".png", [inputs[k, ..., 0]] + vols,
+                  ["input: " + os.path.basename(src["path"])] + prompts)
+    result = {"checkpoint_step": gen.step, "seed": config.seed, "prompts": prompts,
+              "guidance_scales": [float(g) for g in config.sample.guidance_scales],
+              "guidance": sample_index.guidance_record(config, "each scan's factual prompt"),
+              "num_subjects": n, "objective": config.objective.name,
+              "inversion": {"sampler_steps": int(len(gen.objective.timesteps())),
+                            "depth": depth,
+                            "refine_iters": int(config.sample.inversion_refine),
+                            "edit_mask": config.sample.edit_mask or None,
+                            "guidance": "conditional model (w = 1) under the factual prompt"},
+              "sources": [{"subject": k, "path": s["path"], "factual_prompt": factual[k],
+                           "reconstruction_psnr_db": float(recon_psnr[k])}
+                          for k, s in enumerate(sources)],
+              "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
+    if rule is not None:
+      for src, vol in zip(result["sources"], inputs[..., 0]):
+        src[f"input_{rule.stat}"] = rule.measure(vol)
+    effects = sample_index.summarise(result, entries, prompts, config.sample.guidance_scales, rule)
+    if tmp_dir is not None:
+      write_text(os.path.join(tmp_dir, "index.json"), json.dumps(result, indent=1))
+  sample_index.report(effects, prompts, out_dir)
+  logging.info("inverted %d scans (reconstruction PSNR %.2f dB); wrote %d volumes to %s", n,
+               result["mean_reconstruction_psnr_db"], len(entries), out_dir)
+  return result

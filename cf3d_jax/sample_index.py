@@ -1,0 +1,115 @@
+"""What a sampling run records besides its volumes, shared by `cf3d_jax.sample` (synthetic
+subjects) and `cf3d_jax.invert` (given scans).
+
+  `phantom_rule`, `ground_truth_stats`   the phantom measurement per volume (MS lesion volume,
+                                         AD ventricle volume) and the PSNR outside the template
+                                         white matter to the volume it should preserve;
+  `summarise`, `report`                  per guidance scale `phantom.prompt_effect` under
+                                         index.json's `prompt_effect`, and its log table;
+  `guidance_record`                      index.json's `guidance` (formula, negative, interval);
+  `prompt_file_names`, `output_folder`   unique file names per prompt; the folder a run writes
+                                         into, renamed onto its place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import numpy as np
+from absl import logging
+
+from cf3d_jax import parallel
+from cf3d_jax.files import atomic_dir, unique_slug
+from cf3d_jax.metrics import phantom as phantom_lib
+
+
+def phantom_rule(reference, config) -> phantom_lib.PhantomRule | None:
+  """The dataset's ground-truth rule on the reference grid, or None without a reference."""
+  if reference is None or tuple(reference.wm_mask.shape) != tuple(config.data.shape):
+    return None
+  return phantom_lib.PhantomRule.build(config.data.dataset, reference,
+                                       config.eval.lesion_threshold)
+
+
+def ground_truth_stats(entry: dict, volume: np.ndarray, rule, reference_volume=None) -> None:
+  """Adds the phantom rule's measurement to `entry` in place (MS lesion volume and mean WM
+  intensity; AD ventricle volume) and, given the volume it should preserve
+  (`reference_volume`: the factual sample or the input scan), the PSNR to it outside the
+  template white matter."""
+  if rule is None:
+    return
+  entry[rule.stat] = rule.measure(volume)
+  if rule.dataset == "ms":
+    entry["wm_mean_intensity"] = rule.wm_mean_intensity(volume)
+  if reference_volume is not None:
+    value = phantom_lib.masked_psnr(volume, reference_volume, ~rule.reference.wm_mask, 2.0)
+    entry["psnr_outside_wm_db"] = value if np.isfinite(value) else None   # None: identical
+
+
+def summarise(result: dict, entries: list[dict], prompts: list[str], scales, rule
+               ) -> dict[str, dict]:
+  """Adds the measurement rule and, per guidance scale, `phantom.prompt_effect` of the
+  `[subjects, prompts]` measurements (means, change vs the first prompt, class-hit rates,
+  ordering) under `result['prompt_effect']`; returns that dict."""
+  if rule is None or not any(rule.stat in e for e in entries):
+    return {}
+  result["rule"] = rule.description
+  effects = {}
+  for g in scales:
+    rows = {}
+    for e in entries:
+      if e["guidance_scale"] == float(g):
+        rows.setdefault(e["subject"], {})[e["prompt"]] = e[rule.stat]
+    values = np.asarray([[row[p] for p in prompts] for _, row in sorted(rows.items())])
+    eff = phantom_lib.prompt_effect(values, prompts, rule.dataset)
+    psnrs = [e["psnr_outside_wm_db"] for e in entries
+             if e["guidance_scale"] == float(g) and "psnr_outside_wm_db" in e]
+    if psnrs:   # None where nothing changed outside the WM (blended edits): counted apart
+      finite = [v for v in psnrs if v is not None]
+      eff["fraction_unchanged_outside_wm"] = 1.0 - len(finite) / len(psnrs)
+      if finite:
+        eff["mean_psnr_outside_wm_db"] = float(np.mean(finite))
+    effects[f"g{g:g}"] = eff
+  result["prompt_effect"] = effects
+  return effects
+
+
+def guidance_record(config, factual: str) -> dict:
+  """What index.json says about guidance: the formula, the negative text and the interval."""
+  contrastive = config.sample.guidance_negative == "factual"
+  return {"negative": config.sample.guidance_negative,
+          "formula": ("out = out_factual + w (out_prompt − out_factual), factual = "
+                      f"{factual} (the factual itself: the conditional model at every w)"
+                      if contrastive else
+                      "out = out_null + w (out_prompt − out_null) (classifier-free guidance)"),
+          "interval": [float(v) for v in config.sample.guidance_interval],
+          "rescale": float(config.sample.guidance_rescale)}
+
+
+def prompt_file_names(prompts: Sequence[str]) -> list[str]:
+  """One file name per prompt (`{slug}.nii.gz`), unique even when two prompts differ only in
+  case or punctuation ('High load.' and 'high load' → 'high-load', 'high-load-2')."""
+  used: set[str] = {"input"}   # samples_source/ keeps the conformed scan as input.nii.gz
+  return [unique_slug(p, used) + ".nii.gz" for p in prompts]
+
+
+@contextlib.contextmanager
+def output_folder(path: str):
+  """The folder a run writes into: on the writing process a fresh temporary folder that
+  replaces `path` when the block completes (`files.atomic_dir`); on other processes None."""
+  if parallel.is_writer():
+    with atomic_dir(path) as tmp:
+      yield tmp
+  else:
+    yield None
+
+
+def report(effects: dict[str, dict], prompts: list[str], out_dir: str) -> None:
+  """Logs the per-prompt table (means, class-hit rates, ordering) and where it came from."""
+  if effects:
+    logging.info("measured in the generated volumes (%s; class-hit rate in brackets):\n%s",
+                 next(iter(effects.values()))["stat"],
+                 phantom_lib.format_table(effects, prompts))
+  logging.info("wrote %s", os.path.join(out_dir, "index.json"))
