@@ -215,7 +215,7 @@ def test_save_creates_folders(table, tmp_path):
 
 
 BUILTIN = {'ms_minilm': 'ms', 'adni_minilm': 'adni',      # shipped table → dataset it covers
-           'ms_minilm_tokens': 'ms'}
+           'ms_minilm_tokens': 'ms', 'adni_minilm_tokens': 'adni'}
 POOLED = ('ms_minilm', 'adni_minilm')
 
 
@@ -264,7 +264,8 @@ def test_shipped_minilm_tables_share_the_encoder():
   np.testing.assert_allclose(ms.lookup([''])[0], adni.lookup([''])[0], atol=1e-6)
 
 
-EXTRA_ARGS = {'ms_minilm_tokens': ['--pooling=tokens', '--max_length=16']}
+EXTRA_ARGS = {'ms_minilm_tokens': ['--pooling=tokens', '--max_length=16'],
+              'adni_minilm_tokens': ['--pooling=tokens', '--max_length=16']}
 
 
 @pytest.mark.parametrize('name', sorted(BUILTIN))
