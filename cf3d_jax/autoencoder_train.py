@@ -461,7 +461,7 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
                         "lower config.autoencoder.learning_rate")
       values["steps_per_sec"] = ac.log_every / max(time.time() - t0, 1e-9)
       writer.write_scalars(step, values)
-      bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+      bar.set_postfix(loss=f"{values['loss']:.3g}", refresh=False)
       t0 = time.time()
     if step % ac.checkpoint_every == 0 or step == ac.num_steps:
       mngr.save(step, args=ocp.args.Composite(

@@ -180,9 +180,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.inversion_refine = 3               # fixed-point refinements per inversion step (0 = plain)
   c.sample.inversion_depth = 1.0              # fraction of the sampler grid inverted (1 = to pure noise;
                                               # < 1 stops part-way: the prompt changes more, SDEdit-like)
-  c.sample.edit_mask = ""                     # given scans: '' = edit everywhere; 'template_wm' (phantoms) or a NIfTI
-                                              # mask on the grid: outside it the decode follows the inversion and the
-                                              # output is the input (blended editing)
+  c.sample.edit_mask = ""                     # region a counterfactual may change: '' = everywhere; 'template_wm'
+                                              # (phantoms) or a NIfTI mask on the grid. Outside it the decode follows
+                                              # the given scan's inversion (output = input there) or, from noise, the
+                                              # factual prompt's trajectory (output = the factual volume there)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lesion_threshold = 0.2               # lesion rule: intensity > this inside template WM

@@ -58,7 +58,7 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
                  deterministic: bool = False, depth: float = 1.0, mesh=None,
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
                  interval: tuple[float, float] = (0.0, 1.0), edit_masks=None,
-                 rescale: float = 0.0):
+                 rescale: float = 0.0, trajectory: bool = False):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
 
   The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
@@ -72,11 +72,15 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   editing of given scans; the sampler then takes `known` `[B, S', ...]` (the inversion
   trajectory, batch first) and the input images `[B, D, H, W, 1]` after the key, follows the
   inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
+  trajectory: return `(images, known [B, S', ...])`, the sampler's state after each step (what a
+  counterfactual with `edit_masks` follows outside the mask); not with `edit_masks`.
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
   mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
   z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
   it splits), the Haar transform block-local on `spatial`; returns NumPy on every process.
   """
+  if trajectory and edit_masks is not None:
+    raise ValueError("make_sampler: trajectory=True records a free run; not with edit_masks")
   sp_placed = placed(space, mesh, rules)
 
   def run(params, space_params, z_start, emb, mask, neg_emb, neg_mask, *rest):
@@ -91,9 +95,12 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
     sp = sp_placed.with_params(space_params)
     fn = guided(model_fn, scale, neg_emb, neg_mask, interval, objective.num_train_steps, rescale)
     # Images live in [-1, 1]: the last clamp removes the inverse transform's rounding (±1e-7).
-    x = jnp.clip(sp.decode(sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
-                                       deterministic=deterministic, depth=depth, known=known,
-                                       edit_mask=mask_z)), -1.0, 1.0)
+    z = sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
+                    deterministic=deterministic, depth=depth, known=known, edit_mask=mask_z,
+                    trajectory=trajectory)
+    if trajectory:
+      return jnp.clip(sp.decode(z[0]), -1.0, 1.0), jnp.swapaxes(z[1], 0, 1)
+    x = jnp.clip(sp.decode(z), -1.0, 1.0)
     if edit_masks is None:
       return x
     return mask_img * x + (1 - mask_img) * x_input
@@ -185,13 +192,14 @@ def mesh_kwargs(gen: Generator, batch_size: int, key: str) -> dict:
 
 def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
                     interval: Sequence[float] = (0.0, 1.0),
-                    rescale: float = 0.0) -> Callable[[float], Callable]:
-  """scale → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
-  `interval` with guidance rescale φ = `rescale`; ConfigError naming `key` (e.g. 'sample.batch_size') if `batch_size` does not
-  split over the mesh."""
+                    rescale: float = 0.0) -> Callable[..., Callable]:
+  """(scale, **kw) → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
+  `interval` with guidance rescale φ = `rescale` (kw: `trajectory`, `edit_masks`); ConfigError
+  naming `key` (e.g. 'sample.batch_size') if `batch_size` does not split over the mesh."""
   on_mesh = mesh_kwargs(gen, batch_size, key)
-  return lambda scale: make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
-                                    interval=tuple(interval), rescale=float(rescale), **on_mesh)
+  return lambda scale, **kw: make_sampler(gen.model, gen.objective, gen.space, float(scale),
+                                          *gen.null, interval=tuple(interval),
+                                          rescale=float(rescale), **kw, **on_mesh)
 
 
 def batched(fn: Callable, n: int, batch_size: int, *arrays, desc: str | None = None):
@@ -213,8 +221,8 @@ def batched(fn: Callable, n: int, batch_size: int, *arrays, desc: str | None = N
 
 def generate(gen: Generator, noise_ids: Sequence[int], emb: np.ndarray, mask: np.ndarray,
              scales: Sequence[float], *, noise_seed: int, key: jax.Array, batch_size: int,
-             negative: str, sampler_for: Callable[[float], Callable],
-             per_batch_keys: bool = True, desc: str | None = None
+             negative: str, sampler_for: Callable[..., Callable],
+             per_batch_keys: bool = True, desc: str | None = None, edit_masks=None
              ) -> Iterator[tuple[float, np.ndarray]]:
   """Noise ids × prompts × guidance scales → volumes, one scale at a time.
 
@@ -226,22 +234,57 @@ def generate(gen: Generator, noise_ids: Sequence[int], emb: np.ndarray, mask: np
   Items run k-major in batches of `batch_size` (`batched`); the batch starting at item i
   samples with key `fold_in(key, i)`, or with `key` itself when `per_batch_keys` is False.
   desc: a progress-bar label, shown as '{desc} w={w}'.
+
+  edit_masks `(mask_z, mask_img)` (`invert.edit_masks`): counterfactuals that may change only
+  the mask. Each noise is first decoded under the factual prompt, recording the sampler's state
+  after every step (`sampler_for(w, trajectory=True)`); every other prompt then follows that
+  trajectory outside the mask at every step (`sampler_for(w, edit_masks=...)`, blended
+  editing with the factual run as the given scan) and equals the factual volume there. The
+  factual items run in their own batches (keys `fold_in(key, i)`, i over the K factual items),
+  then the counterfactual ones (keys `fold_in(key, K + i)`).
   """
   emb, mask = np.asarray(emb), np.asarray(mask)
-  n_prompts, z_shape = len(emb), gen.latent_shape
-  ks = np.repeat(np.asarray(noise_ids, np.int64), n_prompts)
-  ps = np.tile(np.arange(n_prompts), len(noise_ids))
+  n_prompts = len(emb)
+  prompts = np.arange(n_prompts) if edit_masks is None else np.arange(1, n_prompts)
+  ks = np.repeat(np.asarray(noise_ids, np.int64), len(prompts))
+  ps = np.tile(prompts, len(noise_ids))
   for scale in scales:
-    run = sampler_for(float(scale))
+    label = None if desc is None else f"{desc} w={scale:g}"
+    if edit_masks is None:
+      x = _decode(gen, sampler_for(float(scale)), ks, ps, emb, mask, noise_seed=noise_seed,
+                  key=key, batch_size=batch_size, negative=negative,
+                  per_batch_keys=per_batch_keys, desc=label)
+      yield float(scale), x.reshape((len(noise_ids), n_prompts) + x.shape[1:])
+      continue
+    k_fact = np.asarray(noise_ids, np.int64)
+    factual, known = _decode(gen, sampler_for(float(scale), trajectory=True), k_fact,
+                             np.zeros_like(k_fact), emb, mask, noise_seed=noise_seed, key=key,
+                             batch_size=batch_size, negative=negative,
+                             per_batch_keys=per_batch_keys, desc=label)
+    row = np.repeat(np.arange(len(k_fact)), len(prompts))   # each item's factual run
+    x = _decode(gen, sampler_for(float(scale), edit_masks=edit_masks), ks, ps, emb, mask,
+                noise_seed=noise_seed, key=key, batch_size=batch_size, negative=negative,
+                per_batch_keys=per_batch_keys, desc=label, key_offset=len(k_fact),
+                follow=(known[row], factual[row]))
+    x = np.concatenate([factual[:, None], x.reshape((len(k_fact), len(prompts)) + x.shape[1:])],
+                       axis=1)
+    yield float(scale), x
 
-    def one_batch(start, k_batch, p_batch, run=run):
-      z = jnp.stack([subject_noise(noise_seed, int(k), z_shape) for k in k_batch])
-      first = np.zeros_like(p_batch)
-      neg = guidance_negatives(negative, emb[p_batch], mask[p_batch], emb[first], mask[first],
-                               gen.null)
-      batch_key = jax.random.fold_in(key, start) if per_batch_keys else key
-      return run(gen.params, z, emb[p_batch], mask[p_batch], batch_key, *neg)
 
-    x = batched(one_batch, len(ks), batch_size, ks, ps,
-                desc=None if desc is None else f"{desc} w={scale:g}")
-    yield float(scale), x.reshape((len(noise_ids), n_prompts) + x.shape[1:])
+def _decode(gen: Generator, run: Callable, ks: np.ndarray, ps: np.ndarray, emb: np.ndarray,
+            mask: np.ndarray, *, noise_seed: int, key: jax.Array, batch_size: int, negative: str,
+            per_batch_keys: bool, desc: str | None, key_offset: int = 0, follow=None):
+  """Items (noise id `ks[i]`, prompt `ps[i]`) decoded by the sampler `run` in batches (see
+  `generate`); follow `(known [N, S', ...], factual images [N, D, H, W, 1])`: what each item
+  follows outside the edit mask. Returns what `run` returns, rows concatenated."""
+  z_shape = gen.latent_shape
+
+  def one_batch(start, k_batch, p_batch, *follow_batch):
+    z = jnp.stack([subject_noise(noise_seed, int(k), z_shape) for k in k_batch])
+    first = np.zeros_like(p_batch)
+    neg = guidance_negatives(negative, emb[p_batch], mask[p_batch], emb[first], mask[first],
+                             gen.null)
+    batch_key = jax.random.fold_in(key, key_offset + start) if per_batch_keys else key
+    return run(gen.params, z, emb[p_batch], mask[p_batch], batch_key, *follow_batch, *neg)
+
+  return batched(one_batch, len(ks), batch_size, ks, ps, *(follow or ()), desc=desc)

@@ -15,6 +15,10 @@ first prompt is the factual reference. Outputs under `WORKDIR/samples/`:
                                                       the first prompt, class-hit rates and
                                                       ordering (`cf3d_jax.metrics.phantom`).
 
+With `config.sample.edit_mask` set ('template_wm' or a NIfTI mask), each counterfactual may
+change only that region: it follows the factual prompt's sampling trajectory outside the mask at
+every step and equals the factual volume there (`generate.generate`).
+
 Real-subject counterfactuals (`config.sample.source` set) are made by `cf3d_jax.invert`
 (inversion of the given scans, blended editing); the index's measurements and the output folder
 come from `cf3d_jax.sample_index`.
@@ -38,7 +42,7 @@ from cf3d_jax.data import nifti, phantom_reference
 from cf3d_jax.figures import save_montage
 from cf3d_jax.files import write_text
 from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
-from cf3d_jax.invert import sample_from_sources
+from cf3d_jax.invert import edit_masks, sample_from_sources
 from cf3d_jax.workdir import Workdir
 
 
@@ -53,7 +57,9 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
-  rule = sample_index.phantom_rule(phantom_reference.find_reference(Workdir(workdir).reference), config)
+  reference = phantom_reference.find_reference(Workdir(workdir).reference)
+  rule = sample_index.phantom_rule(reference, config)
+  masks = edit_masks(config, reference, gen.latent_shape)   # None: prompts may change everything
   bsz = config.sample.batch_size
   out_dir = Workdir(workdir).samples
   names = sample_index.prompt_file_names(prompts)
@@ -65,7 +71,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
                              config.sample.guidance_scales, noise_seed=config.seed,
                              key=jax.random.key(config.seed + SAMPLE_STREAM), batch_size=bsz,
                              negative=config.sample.guidance_negative, sampler_for=sampler_for,
-                             desc="sampling"):
+                             desc="sampling", edit_masks=masks):
       volumes = x[..., 0]                                # [K, P, D, H, W]
       for k in range(config.sample.num_subjects):
         sub_dir = f"g{scale:g}/subject_{k:03d}"

@@ -85,7 +85,8 @@ def guidance_record(config, factual: str) -> dict:
                       if contrastive else
                       "out = out_null + w (out_prompt − out_null) (classifier-free guidance)"),
           "interval": [float(v) for v in config.sample.guidance_interval],
-          "rescale": float(config.sample.guidance_rescale)}
+          "rescale": float(config.sample.guidance_rescale),
+          "edit_mask": config.sample.edit_mask or None}
 
 
 def prompt_file_names(prompts: Sequence[str]) -> list[str]:

@@ -323,7 +323,7 @@ def train_and_evaluate(config, workdir: str) -> State:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         values["steps_per_sec"] = config.train.log_every / max(time.time() - t0, 1e-9)
         writer.write_scalars(step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{values['loss']:.3g}", refresh=False)
         t0 = time.time()
       stop = preempted()
       if step % config.train.checkpoint_every == 0 or step == config.train.num_steps or stop:

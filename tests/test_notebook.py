@@ -83,6 +83,30 @@ def _fake_counterfactuals(with_input: bool = False) -> nb.Counterfactuals:
                             source="/x/scan.nii.gz" if with_input else None, input=scan)
 
 
+# ---- generation ---------------------------------------------------------------------------------
+
+def test_masked_counterfactuals_keep_the_factual_outside_the_mask(generator):
+  import jax
+  from cf3d_jax import generate as generate_lib
+  gen = generator.restored                                    # checkpoints.Generator
+  emb, mask = gen.table.lookup([MINIMAL, MODERATE, HIGH])
+  (d, h, w), (zd, zh, zw) = gen.data_shape, gen.latent_shape[:3]
+  mask_z = np.zeros((1, zd, zh, zw, 1), np.float32)
+  mask_z[:, : zd // 2] = 1                                    # editable: the first half of depth
+  mask_img = np.zeros((1, d, h, w, 1), np.float32)
+  mask_img[:, : d // 2] = 1
+  kw = dict(noise_seed=0, key=jax.random.key(1), batch_size=3, negative="null",
+            sampler_for=generate_lib.sampler_on_mesh(gen, 3, "sample.batch_size"))
+  ((_, free),) = generate_lib.generate(gen, [0, 1], emb, mask, [GUIDANCE], **kw)
+  ((_, held),) = generate_lib.generate(gen, [0, 1], emb, mask, [GUIDANCE],
+                                       edit_masks=(mask_z, mask_img), **kw)
+  assert held.shape == free.shape == (2, 3, d, h, w, 1)
+  np.testing.assert_allclose(held[:, 0], free[:, 0], atol=1e-5)   # the factual: a free run
+  outside = held[:, :, d // 2:]
+  np.testing.assert_array_equal(outside, np.broadcast_to(outside[:, :1], outside.shape))
+  assert float(np.abs(held[:, 2, : d // 2] - held[:, 0, : d // 2]).max()) > 1e-5
+
+
 # ---- the committed notebook -------------------------------------------------------------------
 
 def test_committed_notebook_is_valid_and_stripped():

@@ -107,8 +107,8 @@ def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, t
                 text_mask: jnp.ndarray, key: jax.Array,
                 clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
                 deterministic: bool = False, depth: float = 1.0,
-                known: jnp.ndarray | None = None, edit_mask: jnp.ndarray | None = None
-                ) -> jnp.ndarray:
+                known: jnp.ndarray | None = None, edit_mask: jnp.ndarray | None = None,
+                trajectory: bool = False):
   """Runs the objective's sampler from `z_start` (pure noise, or an inversion) to the clean end.
 
   z_start `[N, ...]`; text_emb `[N, L, E]`; returns z0 `[N, ...]`. The step key is
@@ -119,7 +119,12 @@ def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, t
   Blended editing (with `known` `[S', N, ...]` from `invert_loop(..., trajectory=True)` and
   `edit_mask` `[N or 1, ...]` in [0, 1] on z's grid): after step i, `z ← m·z + (1 − m)·known[i]`,
   so outside the mask the state follows the inversion of the given scan (which decodes back to
-  it) and only the masked region is generated anew under the prompt.
+  it) and only the masked region is generated anew under the prompt. From noise, `known` is the
+  factual prompt's own trajectory (`trajectory=True`): a counterfactual that may change only
+  the masked region.
+
+  trajectory: return `(z0, states [S', N, ...])`, the state after each step (the last is z0),
+  which another call follows as `known`.
   """
   steps, nxt = _grid(objective, depth)
   n = z_start.shape[0]
@@ -139,11 +144,11 @@ def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, t
       z = objective.sampler_step(model_eval, z, tt, tn, jax.random.fold_in(key, i), clip_x0)
     if known is not None:
       z = edit_mask * z + (1 - edit_mask) * xs[3]
-    return z, None
+    return z, (z if trajectory else None)
 
   xs = (jnp.arange(steps.shape[0]), steps, nxt) + (() if known is None else (known,))
-  z, _ = jax.lax.scan(body, z_start, xs)
-  return z
+  z, states = jax.lax.scan(body, z_start, xs)
+  return (z, states) if trajectory else z
 
 
 def invert_loop(objective: Objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,

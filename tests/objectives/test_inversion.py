@@ -157,6 +157,30 @@ def test_blended_editing_keeps_the_input_outside_the_mask(make):
     guidance.sample_loop(objective, exact, z_T, emb, mask, jax.random.key(0), known=known)
 
 
+@pytest.mark.parametrize("make", [_ddpm, _rflow])
+def test_counterfactual_from_noise_follows_the_factual_trajectory(make):
+  objective = make()
+  z_T = jax.random.normal(jax.random.key(6), (2, 4, 4, 4, 4))
+  emb, mask = jnp.zeros((2, 1, 4)), jnp.ones((2, 1), bool)
+  exact = _analytic_model(objective)
+  shifted = lambda z, t, e, m: exact(z, t, e, m) + 1.0      # the counterfactual prompt's model
+  key = jax.random.key(0)
+  factual, states = guidance.sample_loop(objective, exact, z_T, emb, mask, key,
+                                         deterministic=True, trajectory=True)
+  assert states.shape == (len(objective.timesteps()),) + z_T.shape
+  np.testing.assert_array_equal(states[-1], factual)
+  np.testing.assert_allclose(factual, guidance.sample_loop(objective, exact, z_T, emb, mask, key,
+                                                           deterministic=True), atol=1e-6)
+  edit = jnp.zeros((1, 4, 4, 4, 1)).at[:, :2].set(1.0)
+  cf = guidance.sample_loop(objective, shifted, z_T, emb, mask, key, deterministic=True,
+                            known=states, edit_mask=edit)
+  np.testing.assert_array_equal(cf[:, 2:], factual[:, 2:])  # the factual outside the mask
+  assert float(jnp.mean(cf[:, :2] - factual[:, :2])) > 0.1  # the other prompt inside it
+  same = guidance.sample_loop(objective, exact, z_T, emb, mask, key, deterministic=True,
+                              known=states, edit_mask=edit)
+  np.testing.assert_allclose(same, factual, atol=1e-5)      # its own trajectory: unchanged
+
+
 def test_guidance_interval_switches_guidance_off_outside_it():
   cond = lambda z, t, e, m: z + e[:, :1, :1].reshape(-1, 1, 1, 1, 1)
   null_emb, null_mask = jnp.zeros((1, 4)), jnp.ones((1,), bool)
