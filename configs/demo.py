@@ -72,8 +72,8 @@ def get_config(arg: str | None = None):
   config.eval.diversity_pairs = 200
   # Token-level text: cross-attention sees each token's state (16 MiniLM tokens), so the word
   # that names the class is a key of its own instead of a small shift of one pooled vector. At
-  # 900 steps this lands 10 of 12 volumes in their class at w = 15 where the pooled table lands
-  # 4 (docs/results.md, "Token-level text"). The showcase's numbers and the smoke tests keep the
+  # 900 steps this landed 10 of 12 volumes in their class at w = 15 on one machine where the
+  # pooled table landed 4, but 2 of 12 on another CPU (docs/results.md, "Token-level text"). The showcase's numbers and the smoke tests keep the
   # pooled table they were measured with. ADNI gets its own token table below.
   if not {"smoke", "showcase"} & set(variants):
     config.text.table = "builtin:ms_minilm_tokens"
