@@ -171,7 +171,8 @@ def with_conv_impl(config, impl: str):
 def bench_train(config, repeats: int, conv_impls: Sequence[str] | None = None,
                 peak_flops: float = 0.0) -> list[dict]:
   """Train-step rows (module docstring) for each conv formulation in `conv_impls` (default
-  all of `layers.CONV_IMPLS`) at the config's batch and shape, in the config's space."""
+  all of `layers.CONV_IMPLS`; 'auto' is timed as what it resolves to on this backend, and the
+  row names that) at the config's batch and shape, in the config's space."""
   from cf3d_jax import checkpoints, memory, train
   from cf3d_jax.models import unet as unet_lib
   b, shape = config.train.batch_size, tuple(config.data.shape)
@@ -181,8 +182,9 @@ def bench_train(config, repeats: int, conv_impls: Sequence[str] | None = None,
   peak = peak_flops_for(kind, str(config.model.dtype), peak_flops)
   rows = []
   for impl in conv_impls or layers.CONV_IMPLS:
-    if impl not in layers.CONV_IMPLS:
-      raise ConfigError(f"conv_impls: {impl!r} is not one of {layers.CONV_IMPLS}")
+    if impl not in layers.CONV_CHOICES:
+      raise ConfigError(f"conv_impls: {impl!r} is not one of {layers.CONV_CHOICES}")
+    impl = layers.resolve_conv_impl(impl)
     run_config = with_conv_impl(config, impl)
     model, objective, space = checkpoints.build_components(run_config)
     tx = train.make_optimizer(run_config.train)

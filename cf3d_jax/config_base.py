@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.resblock_updown = True
   c.model.text_time_embedding = False         # + pooled text → MLP added to the timestep embedding (not in the paper)
   c.model.scale_shift_norm = False            # ResBlocks modulate GN by scale/shift from the embedding (ADM; not in wdm-3d)
-  c.model.conv_impl = "xla"                   # "xla" | "im2col" (faster on CPU; same params)
+  c.model.conv_impl = "auto"                  # "auto" (CPU: "planes", else "xla") | "xla" | "im2col" | "planes"; same params
   c.model.dtype = "float32"                   # compute dtype: 'float32' | 'bfloat16'
   c.model.param_dtype = "float32"             # master weights (keep float32 with bf16 compute)
   # Rematerialisation per U-Net level (one entry per channel_mult level; () = none anywhere):
@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.autoencoder.latent_channels = 4           # latent channels (= space.latent_channels for latent diffusion)
   c.autoencoder.norm_num_groups = 32          # GroupNorm groups (must divide every width)
   c.autoencoder.remat = False                 # rematerialise the ResBlocks in the backward pass (memory)
-  c.autoencoder.conv_impl = "xla"             # "xla" | "im2col" (faster on CPU; same params)
+  c.autoencoder.conv_impl = "auto"            # as model.conv_impl
   c.autoencoder.num_steps = 100_000           # optimisation steps
   c.autoencoder.batch_size = 1                # patches per step (MAISI: 1)
   c.autoencoder.learning_rate = 1e-4          # Adam, generator and discriminator alike (MAISI)

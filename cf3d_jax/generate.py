@@ -13,6 +13,7 @@ Volumes are `[N, D, H, W, 1]` in [-1, 1] (NDHWC).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -248,31 +249,28 @@ def generate(gen: Generator, noise_ids: Sequence[int], emb: np.ndarray, mask: np
   prompts = np.arange(n_prompts) if edit_masks is None else np.arange(1, n_prompts)
   ks = np.repeat(np.asarray(noise_ids, np.int64), len(prompts))
   ps = np.tile(prompts, len(noise_ids))
+  decode = functools.partial(_decode, gen, emb=emb, mask=mask, noise_seed=noise_seed, key=key,
+                             batch_size=batch_size, negative=negative,
+                             per_batch_keys=per_batch_keys)
   for scale in scales:
     label = None if desc is None else f"{desc} w={scale:g}"
     if edit_masks is None:
-      x = _decode(gen, sampler_for(float(scale)), ks, ps, emb, mask, noise_seed=noise_seed,
-                  key=key, batch_size=batch_size, negative=negative,
-                  per_batch_keys=per_batch_keys, desc=label)
+      x = decode(sampler_for(float(scale)), ks, ps, desc=label)
       yield float(scale), x.reshape((len(noise_ids), n_prompts) + x.shape[1:])
       continue
     k_fact = np.asarray(noise_ids, np.int64)
-    factual, known = _decode(gen, sampler_for(float(scale), trajectory=True), k_fact,
-                             np.zeros_like(k_fact), emb, mask, noise_seed=noise_seed, key=key,
-                             batch_size=batch_size, negative=negative,
-                             per_batch_keys=per_batch_keys, desc=label)
+    factual, known = decode(sampler_for(float(scale), trajectory=True), k_fact,
+                            np.zeros_like(k_fact), desc=label)
     row = np.repeat(np.arange(len(k_fact)), len(prompts))   # each item's factual run
-    x = _decode(gen, sampler_for(float(scale), edit_masks=edit_masks), ks, ps, emb, mask,
-                noise_seed=noise_seed, key=key, batch_size=batch_size, negative=negative,
-                per_batch_keys=per_batch_keys, desc=label, key_offset=len(k_fact),
-                follow=(known[row], factual[row]))
+    x = decode(sampler_for(float(scale), edit_masks=edit_masks), ks, ps, desc=label,
+               key_offset=len(k_fact), follow=(known[row], factual[row]))
     x = np.concatenate([factual[:, None], x.reshape((len(k_fact), len(prompts)) + x.shape[1:])],
                        axis=1)
     yield float(scale), x
 
 
-def _decode(gen: Generator, run: Callable, ks: np.ndarray, ps: np.ndarray, emb: np.ndarray,
-            mask: np.ndarray, *, noise_seed: int, key: jax.Array, batch_size: int, negative: str,
+def _decode(gen: Generator, run: Callable, ks: np.ndarray, ps: np.ndarray, *, emb: np.ndarray,
+            mask: np.ndarray, noise_seed: int, key: jax.Array, batch_size: int, negative: str,
             per_batch_keys: bool, desc: str | None, key_offset: int = 0, follow=None):
   """Items (noise id `ks[i]`, prompt `ps[i]`) decoded by the sampler `run` in batches (see
   `generate`); follow `(known [N, S', ...], factual images [N, D, H, W, 1])`: what each item

@@ -79,8 +79,8 @@ def registries() -> dict[str, tuple[Collection[str], ...]]:
   from cf3d_jax.text import prompts
   return {
       "space.name": (spaces.SPACES,),
-      "model.conv_impl": (layers.CONV_IMPLS,),
-      "autoencoder.conv_impl": (layers.CONV_IMPLS,),
+      "model.conv_impl": (layers.CONV_CHOICES,),
+      "autoencoder.conv_impl": (layers.CONV_CHOICES,),
       "model.middle_remat": (layers.REMAT_POLICIES,),
       "model.dtype": (unet.DTYPES,),
       "model.param_dtype": (unet.DTYPES,),

@@ -52,7 +52,6 @@ def get_config(arg: str | None = None):
     a.channels = (16, 32, 32)               # ×4 downsampling as MAISI: 8³ × 4 latents
     a.num_res_blocks = (1, 1, 1)
     a.norm_num_groups = 8
-    a.conv_impl = "im2col"                  # faster on CPU
     a.patch_shape = (16, 16, 16)            # random 16³ patches (MAISI trains on patches too)
     a.batch_size = 4
     a.learning_rate = 1e-3

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
+from cf3d_jax.models import layers
 
 CONFIGS = ("demo.py", "demo_latent.py")
 PEAK = 1e12   # a made-up peak, so the of_peak column is filled on CPU
@@ -28,7 +29,7 @@ def test_benchmark_writes_table_and_json(tmp_path):
   result = json.loads(out.read_text())
   assert {"device", "platform", "cpu", "jax", "rows"} <= set(result)
   train = [r for r in result["rows"] if r["bench"] == "train"]
-  assert {r["conv_impl"] for r in train} == {"xla", "im2col"}
+  assert {r["conv_impl"] for r in train} == set(layers.CONV_IMPLS)
   assert all(r["ms_per_step"] > 0 and r["voxels_per_s"] > 0 for r in train)
   for row in train:     # the WDM smoke config's train rows (the latent one runs in-process)
     check_train_row(row, load_config("demo.py"), peak=None)
@@ -36,7 +37,7 @@ def test_benchmark_writes_table_and_json(tmp_path):
   check_wavelet_row(wavelet_row, load_config("demo.py"))
   conv = [r for r in result["rows"] if r["bench"] == "conv"]
   assert [r["level"] for r in conv] == [0, 1, 2]
-  assert all(r["jax_im2col_ms"] > 0 and r["torch_ms"] > 0 for r in conv)
+  assert all(r["jax_planes_ms"] > 0 and r["torch_ms"] > 0 for r in conv)
 
 
 def test_importing_defines_no_flags():
@@ -84,7 +85,7 @@ def test_train_row_latent_space():
   """The latent space trains on unscaled latents (`space.record_shape`), not images."""
   config = load_config("demo_latent.py")
   (row,) = bench_rows("demo_latent.py", "train")
-  assert row["conv_impl"] == config.model.conv_impl
+  assert row["conv_impl"] == layers.resolve_conv_impl(config.model.conv_impl) == "planes"
   check_train_row(row, config, peak=PEAK)
 
 
@@ -156,7 +157,6 @@ def test_wavelet_rows(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_conv_rows_follow_the_space(name):
-  from cf3d_jax.models import layers
   from cf3d_jax.spaces import make_space
   config = load_config(name)
   rows = bench_rows(name, "conv")

@@ -235,7 +235,7 @@ class AutoencoderKL(nn.Module):
   with_encoder_nonlocal_attn: bool = False  # MONAI's; True is unsupported (error)
   with_decoder_nonlocal_attn: bool = False  # MONAI's; True is unsupported (error)
   remat: bool = False                       # rematerialise the ResBlocks in backward passes
-  conv_impl: str = 'xla'                    # 'xla' | 'im2col' (layers.conv3d)
+  conv_impl: str = 'xla'                    # 'xla' | 'im2col' | 'planes' | 'auto' (layers.conv3d)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -279,9 +279,9 @@ class AutoencoderKL(nn.Module):
           f'{tuple(self.attention_levels)}, with_encoder_nonlocal_attn='
           f'{self.with_encoder_nonlocal_attn}, with_decoder_nonlocal_attn='
           f'{self.with_decoder_nonlocal_attn}); the MAISI VAE has none. Set them all False.')
-    if self.conv_impl not in layers.CONV_IMPLS:
+    if self.conv_impl not in layers.CONV_CHOICES:
       raise AutoencoderConfigError(f'{name}.conv_impl={self.conv_impl!r}: expected one of '
-                                   f'{layers.CONV_IMPLS}.')
+                                   f'{layers.CONV_CHOICES}.')
 
   def setup(self) -> None:
     kw = dict(channels=tuple(int(c) for c in self.channels),

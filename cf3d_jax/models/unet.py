@@ -106,7 +106,7 @@ class UNet(nn.Module):
   resblock_updown: bool = True
   text_time_embedding: bool = False   # pooled text → MLP, added to the timestep embedding
   scale_shift_norm: bool = False      # ResBlocks: GN(h)·(1 + scale) + shift from the embedding
-  conv_impl: str = 'xla'        # 'xla' | 'im2col' (layers.conv3d; same params, same math)
+  conv_impl: str = 'xla'        # 'xla' | 'im2col' | 'planes' | 'auto' (layers.conv3d; same params)
   remat_levels: tuple[str, ...] = ()   # per level: 'none' | 'full' | 'dots' (layers.REMAT_POLICIES)
   middle_remat: str = 'none'           # the same for the middle blocks
   dtype: Any = jnp.float32

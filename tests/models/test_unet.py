@@ -268,24 +268,41 @@ def test_resblock_matches_torch_reference(scale_shift):
 
 
 
-def test_im2col_conv_matches_xla_conv():
+@pytest.mark.parametrize('impl', ['im2col', 'planes', 'auto'])
+@pytest.mark.parametrize('k,stride,pad', [(3, 1, 1), (3, 2, 1), (1, 1, 0), (4, 2, 1), (3, 1, 0)])
+def test_conv_formulations_match_xla_conv(impl, k, stride, pad):
+  """Every `conv_impl` computes lax.conv's result and gradients (input and kernel) to 1e-4, at
+  the strides, kernel sizes and paddings the networks use (odd sizes: strided edges)."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 6, 5, 4, 3)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 5)), jnp.float32)
-  want = layers.conv3d(x, kernel, 1, 1, 'xla')
-  np.testing.assert_allclose(layers.conv3d(x, kernel, 1, 1, 'im2col'), want, rtol=1e-5,
-                             atol=1e-5)
-  grads = [jax.grad(lambda k, impl=impl: jnp.sum(layers.conv3d(x, k, 1, 1, impl) ** 2))(kernel)
-           for impl in ('xla', 'im2col')]
-  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match='conv impl'):
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 5, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, k, 3, 5)), jnp.float32)
+  want = layers.conv3d(x, kernel, stride, pad, 'xla')
+  got = layers.conv3d(x, kernel, stride, pad, impl)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  def loss(x, kern, impl):
+    return jnp.sum(jnp.sin(layers.conv3d(x, kern, stride, pad, impl)))
+  grads = [jax.grad(loss, argnums=(0, 1))(x, kernel, i) for i in ('xla', impl)]
+  for g_fast, g_ref in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_names_are_checked_and_auto_resolves_per_backend(monkeypatch):
+  x, kernel = jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2))
+  with pytest.raises(ValueError, match="conv impl 'fft'"):
     layers.conv3d(x, kernel, 1, 1, 'fft')
+  assert layers.resolve_conv_impl('im2col') == 'im2col'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert layers.resolve_conv_impl('auto') == 'planes'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert layers.resolve_conv_impl('auto') == 'xla'
 
 
-def test_unet_im2col_equals_xla_with_the_same_params():
+@pytest.mark.parametrize('impl', ['im2col', 'planes'])
+def test_unet_conv_formulation_equals_xla_with_the_same_params(impl):
   kw = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, num_groups=4,
             cross_attention_levels=(True, False), head_channels=8)
-  ref, fast = UNet(**kw), UNet(conv_impl='im2col', **kw)
+  ref, fast = UNet(conv_impl='xla', **kw), UNet(conv_impl=impl, **kw)
   params = init_params(ref, jax.random.key(0), (1, 8, 8, 8, 8), (1, 4))
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
   x = jax.random.normal(jax.random.key(2), (2, 8, 8, 8, 8))
