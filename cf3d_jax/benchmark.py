@@ -43,6 +43,13 @@ median of `--repeats` runs after compilation and one warm-up run, each ended by
   memory    per-device memory and FLOPs of the AOT-compiled train step of the paper configs on
             any mesh, no timing (`cf3d_jax.memory`; flags --memory_configs, --topology, --mesh,
             --remat, --dtype, --rules, --memory_batch).
+  vs_torch  the train step of wdm-3d's run.sh U-Net without text (the converter's architecture at
+            base `--vs_torch_base`, batch 1, AdamW, MSE on x0) in our trainer and in a PyTorch
+            transcription with the same weights and thread count, per image size in
+            `--vs_torch_sizes` (`cf3d_jax.bench_torch`; needs torch; sets OMP_WAIT_POLICY=PASSIVE
+            unless set). Columns: size, grid, base, params_jax, params_torch, jax_ms, torch_ms,
+            torch_channels_last_ms, ratio (jax_ms / the faster torch layout), conv_impl,
+            threads, torch_device, torch, omp_wait_policy, note.
 
 The benchmark functions take plain arguments (no flags), so tests and notebooks call them
 in-process; the flags are defined only when this module runs as a program.
@@ -366,9 +373,17 @@ def bench_memory(config, repeats: int, memory_configs: Sequence[str] = ("wdm128"
                              rules, memory_batch)
 
 
+def bench_vs_torch(config, repeats: int, sizes: Sequence[int] = (32, 64),
+                   base_channels: int = 64) -> list[dict]:
+  """wdm-3d's U-Net train step here and in PyTorch (`cf3d_jax.bench_torch.bench_vs_torch`)."""
+  from cf3d_jax import bench_torch
+  return bench_torch.bench_vs_torch(config, repeats, [int(s) for s in sizes], int(base_channels))
+
+
 # name → fn(config, repeats, **options); the options come from flags (`_options`).
 BENCHES = {"train": bench_train, "sample": bench_sample, "wavelets": bench_wavelets,
-           "conv": bench_conv, "data": data_bench.bench_data, "memory": bench_memory}
+           "conv": bench_conv, "data": data_bench.bench_data, "memory": bench_memory,
+           "vs_torch": bench_vs_torch}
 
 
 def _options(what: str, f) -> dict:
@@ -378,6 +393,8 @@ def _options(what: str, f) -> dict:
   if what == "memory":
     return {"memory_configs": f.memory_configs, "topology": f.topology, "mesh": f.mesh,
             "remat": f.remat, "dtype": f.dtype, "rules": f.rules, "memory_batch": f.memory_batch}
+  if what == "vs_torch":
+    return {"sizes": f.vs_torch_sizes, "base_channels": f.vs_torch_base}
   return {}
 
 
@@ -413,7 +430,8 @@ def define_flags() -> None:
       "pair with CFG); wavelets (bytes, {dwt,idwt,copy}_ms, _gb_per_s, {dwt,idwt}_of_copy); "
       "conv (jax_{impl}_ms, torch_ms, torch_channels_last_ms per U-Net level); "
       "data (volumes_per_s, mb_per_s; --data_* flags); memory (per_device_gib, flops_per_device "
-      "of the paper configs; --memory_* flags).")
+      "of the paper configs; --memory_* flags); vs_torch (jax_ms, torch_ms, ratio of wdm-3d's "
+      "U-Net train step against PyTorch; --vs_torch_* flags, needs torch).")
   flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
   flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
   flags.DEFINE_list("conv_impls", list(layers.CONV_IMPLS), "train: U-Net conv formulations.")
@@ -430,6 +448,10 @@ def define_flags() -> None:
                     "memory: compute dtype (params stay float32).")
   flags.DEFINE_string("rules", "default", "memory: rule set (cf3d_jax.memory.RULE_SETS).")
   flags.DEFINE_integer("memory_batch", 0, "memory: global batch (0 = the config's).")
+  # --what=vs_torch (cf3d_jax.bench_torch): wdm-3d's U-Net train step, JAX against PyTorch.
+  flags.DEFINE_list("vs_torch_sizes", ["32", "64"], "vs_torch: image sizes S (S³ images, "
+                    "(S/2)³ × 8 wavelet grids); multiples of 32 at wdm-3d's 5 levels.")
+  flags.DEFINE_integer("vs_torch_base", 64, "vs_torch: U-Net base channels (wdm-3d: 64).")
 
 
 def main(argv):

@@ -3,7 +3,8 @@
 The oracle is a compact torch transcription of wdm-3d's `guided_diffusion/unet.py` `UNetModel`
 (the path its run.sh takes: dims=3, additive skips, no attention, bottleneck_attention=False,
 resample_2d=False, use_scale_shift_norm=False) with the same module names, so its state-dict keys
-are the released checkpoints' keys. torch is test-only; the tests skip without it.
+are the released checkpoints' keys; it lives in `cf3d_jax.bench_torch`, which `--what=vs_torch`
+times. torch is test-only; the tests skip without it.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from cf3d_jax import convert
+from cf3d_jax import bench_torch, convert
 from cf3d_jax.convert import wdm_unet
 from cf3d_jax.convert.__main__ import main as convert_main
 from cf3d_jax.errors import DataError
 from cf3d_jax.models import unet
 
 torch = pytest.importorskip('torch')
-tnn, F = torch.nn, torch.nn.functional
 
 TINY = dict(in_channels=8, out_channels=8, base_channels=8, channel_mult=(1, 2, 2),
             num_res_blocks=2, num_middle_blocks=2, num_groups=4, head_channels=4)
@@ -40,156 +40,14 @@ X_SHAPE = (2, 8, 8, 8, 8)   # [N, D, H, W, C]
 
 
 # ---------------------------------------------------------------------------------------------
-# wdm-3d's U-Net in torch (guided_diffusion/unet.py, the modules its run.sh builds)
+# wdm-3d's U-Net in torch: the transcription the benchmark times (cf3d_jax.bench_torch)
 
-class GroupNorm32(tnn.GroupNorm):
-  def forward(self, x):
-    return super().forward(x.float()).type(x.dtype)
-
-
-def zero_module(module):
-  for p in module.parameters():
-    p.detach().zero_()
-  return module
+UNetModel = bench_torch.wdm3d_modules().UNetModel
+_randomised = bench_torch.randomised
 
 
-def timestep_embedding(timesteps, dim, max_period=10000):
-  half = dim // 2
-  freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-  args = timesteps[:, None].float() * freqs[None]
-  return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class Upsample(tnn.Module):
-  def __init__(self, channels, use_conv):
-    super().__init__()
-    self.use_conv = use_conv
-    if use_conv:
-      self.conv = tnn.Conv3d(channels, channels, 3, padding=1)
-
-  def forward(self, x):
-    x = F.interpolate(x, scale_factor=2, mode='nearest')
-    return self.conv(x) if self.use_conv else x
-
-
-class Downsample(tnn.Module):
-  def __init__(self, channels, use_conv):
-    super().__init__()
-    self.op = (tnn.Conv3d(channels, channels, 3, stride=2, padding=1) if use_conv
-               else tnn.AvgPool3d(kernel_size=2, stride=2))
-
-  def forward(self, x):
-    return self.op(x)
-
-
-class ResBlock(tnn.Module):
-  def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False,
-               num_groups=32):
-    super().__init__()
-    out = out_channels or channels
-    self.in_layers = tnn.Sequential(GroupNorm32(num_groups, channels), tnn.SiLU(),
-                                    tnn.Conv3d(channels, out, 3, padding=1))
-    self.updown = up or down
-    if up:
-      self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
-    elif down:
-      self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
-    else:
-      self.h_upd = self.x_upd = tnn.Identity()
-    self.emb_layers = tnn.Sequential(tnn.SiLU(), tnn.Linear(emb_channels, out))
-    self.out_layers = tnn.Sequential(GroupNorm32(num_groups, out), tnn.SiLU(), tnn.Dropout(0.0),
-                                     zero_module(tnn.Conv3d(out, out, 3, padding=1)))
-    self.skip_connection = (tnn.Identity() if out == channels
-                            else tnn.Conv3d(channels, out, 1))
-
-  def forward(self, x, emb):
-    if self.updown:
-      in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-      h = in_conv(self.h_upd(in_rest(x)))
-      x = self.x_upd(x)
-    else:
-      h = self.in_layers(x)
-    h = h + self.emb_layers(emb).type(h.dtype)[..., None, None, None]
-    return self.skip_connection(x) + self.out_layers(h)
-
-
-class TimestepEmbedSequential(tnn.Sequential):
-  def forward(self, x, emb):
-    for layer in self:
-      x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
-    return x
-
-
-class UNetModel(tnn.Module):
-  """wdm-3d UNetModel(dims=3, additive_skips=True, attention_resolutions=(),
-  bottleneck_attention=False, resample_2d=False, use_scale_shift_norm=False)."""
-
-  def __init__(self, in_channels=8, model_channels=64, out_channels=8, num_res_blocks=2,
-               channel_mult=(1, 2, 2, 4, 4), num_groups=32, resblock_updown=True):
-    super().__init__()
-    self.model_channels = model_channels
-    emb_dim = model_channels * 4
-    kw = dict(num_groups=num_groups)
-    self.time_embed = tnn.Sequential(tnn.Linear(model_channels, emb_dim), tnn.SiLU(),
-                                     tnn.Linear(emb_dim, emb_dim))
-    self.input_blocks = tnn.ModuleList([TimestepEmbedSequential(
-        tnn.Conv3d(in_channels, model_channels, 3, padding=1))])
-    chans, ch = [model_channels], model_channels
-    for level, mult in enumerate(channel_mult):
-      for _ in range(num_res_blocks):
-        self.input_blocks.append(TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, mult * model_channels, **kw)))
-        ch = mult * model_channels
-        chans.append(ch)
-      if level != len(channel_mult) - 1:
-        self.input_blocks.append(TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, down=True, **kw) if resblock_updown
-            else Downsample(ch, True)))
-        chans.append(ch)
-    self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, **kw),
-                                                ResBlock(ch, emb_dim, **kw))
-    self.output_blocks = tnn.ModuleList([])
-    for level, mult in list(enumerate(channel_mult))[::-1]:
-      for i in range(num_res_blocks + 1):
-        chans.pop()
-        mid_ch = chans[-1] if chans else model_channels
-        layers = [ResBlock(ch, emb_dim, mid_ch, **kw)]
-        ch = mid_ch
-        if level and i == num_res_blocks:
-          layers.append(ResBlock(mid_ch, emb_dim, mid_ch, up=True, **kw) if resblock_updown
-                        else Upsample(mid_ch, True))
-        self.output_blocks.append(TimestepEmbedSequential(*layers))
-    self.out = tnn.Sequential(GroupNorm32(num_groups, ch), tnn.SiLU(),
-                              zero_module(tnn.Conv3d(model_channels, out_channels, 3, padding=1)))
-
-  def forward(self, x, timesteps):
-    emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-    hs, h = [], x
-    for module in self.input_blocks:
-      h = module(h, emb)
-      hs.append(h)
-    h = self.middle_block(h, emb)
-    for module in self.output_blocks:
-      h = module((h + hs.pop()) / 2, emb)
-    return self.out(h)
-
-
-def _torch_model(config, resblock_updown=True) -> UNetModel:
-  return UNetModel(config['in_channels'], config['base_channels'], config['out_channels'],
-                   config['num_res_blocks'], tuple(config['channel_mult']), config['num_groups'],
-                   resblock_updown)
-
-
-def _randomised(model: UNetModel) -> UNetModel:
-  """Random weights: norms and biases off 1 / 0, zero-initialised convs non-zero."""
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1:
-        p.copy_((1.0 if 'layers.0.weight' in name or name == 'out.0.weight' else 0.0)
-                + 0.2 * torch.randn_like(p))
-      elif 'out_layers.3' in name or name.startswith('out.2'):
-        p.copy_(torch.randn_like(p) / math.sqrt(p[0].numel()))
-  return model.eval()
+def _torch_model(config, resblock_updown=True):
+  return bench_torch.torch_unet(dict(config, resblock_updown=resblock_updown))
 
 
 # ---------------------------------------------------------------------------------------------
