@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from cf3d_jax.workdir import Workdir
 
@@ -81,3 +82,16 @@ def log_file(workdir: str, mode: str, write: bool = True) -> Iterator[str | None
     root.removeHandler(handler)
     root.setLevel(old_level)
     handler.close()
+
+
+def run_on_config(fn: Callable[..., Any], flag_values, *args) -> Any:
+  """The workdir commands' CLI body (`cf3d_jax.curve`, `cf3d_jax.seeds`): `fn(config, workdir,
+  config_name, *args)` with the `--config` / `--workdir` flags, `config_name` as given on the
+  command line (`configs/demo.py[:variant]`); a `Cf3dError` prints one line and exits 2."""
+  from cf3d_jax.errors import Cf3dError
+  try:
+    name = flag_values["config"].serialize().split("=", 1)[1]
+    return fn(flag_values.config, flag_values.workdir, name, *args)
+  except Cf3dError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

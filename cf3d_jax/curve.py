@@ -30,7 +30,8 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cf3d_jax.errors import Cf3dError, ConfigError
+from cf3d_jax import console
+from cf3d_jax.errors import ConfigError
 from cf3d_jax.figures import pyplot, save_png
 from cf3d_jax.files import write_text
 from cf3d_jax.workdir import Workdir
@@ -209,12 +210,7 @@ def main(argv):
   except ValueError:
     print(f"error: --scales={','.join(f.scales)}: expected numbers", file=sys.stderr)
     sys.exit(2)
-  try:
-    name = f["config"].serialize().split("=", 1)[1]   # configs/demo.py:showcase
-    training_curve(f.config, f.workdir, name, f.every, scales, f.num_per_prompt)
-  except Cf3dError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  console.run_on_config(training_curve, f, f.every, scales, f.num_per_prompt)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from typing import Sequence
 
 from absl import app, flags
 
-from cf3d_jax.errors import Cf3dError, ConfigError
+from cf3d_jax import console
+from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import write_text
 
 SEEDS_FORMAT = "cf3d_jax.seeds/1"
@@ -179,12 +180,7 @@ def main(argv):
   except ValueError:
     print(f"error: --seeds={','.join(f.seeds)}: expected integers", file=sys.stderr)
     sys.exit(2)
-  try:
-    name = f["config"].serialize().split("=", 1)[1]   # configs/demo.py[:variant]
-    run_seeds(f.config, f.workdir, name, seeds)
-  except Cf3dError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  console.run_on_config(run_seeds, f, seeds)
 
 
 if __name__ == "__main__":
