@@ -137,9 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.eta = 0.0                       # DDIM eta (0 = deterministic)
   c.objective.timestep_spacing = "leading"    # 'leading' | 'trailing' | 'linspace'
   c.objective.ancestral_variance = "fixed_small"  # ancestral sampler: 'fixed_small' | 'fixed_large'
+  # Both objectives: training times t/T drawn uniform (WDM, MAISI) or logit-normal
+  c.objective.time_sampling = "uniform"       # training t: 'uniform' (WDM, MAISI) | 'logit-normal' (s = sigmoid(loc + scale·n))
+  c.objective.logit_normal = (0.0, 1.0)       # (loc, scale) of the logit-normal; loc < 0 trains the low-noise end more
   # Rectified flow only (MONAI RFlowScheduler):
-  c.objective.time_sampling = "uniform"       # training t: 'uniform' (MAISI) | 'logit-normal'
-  c.objective.logit_normal = (0.0, 1.0)       # (loc, scale) of the logit-normal
   c.objective.time_shift = True               # resolution shift s' = r s/(1+(r−1)s), train and sample
   c.objective.shift_base_numel = 32 ** 3      # r = shift_scale · (D·H·W of the diffused tensor / this)^(1/3)
   c.objective.shift_scale = 1.0

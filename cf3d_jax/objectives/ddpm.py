@@ -131,6 +131,22 @@ def _edm_weight(obj: "DDPM", t, like):
 
 LOSS_WEIGHTS = {"none": no_weight, "edm": _edm_weight, "min_snr": _min_snr_weight}
 
+
+def _logit_normal_t(key: jax.Array, batch_size: int, num_train_steps: int,
+                    logit_normal: tuple[float, float]) -> jnp.ndarray:
+  """`floor(T · sigmoid(loc + scale·n))` `[N]` int32 in [0, T)."""
+  loc, scale = logit_normal
+  s = jax.nn.sigmoid(loc + scale * jax.random.normal(key, (batch_size,)))
+  return jnp.clip(jnp.floor(s * num_train_steps), 0, num_train_steps - 1).astype(jnp.int32)
+
+
+# Training timesteps: (key, N, T, logit_normal) → `[N]` int32 in [0, T).
+TIME_SAMPLINGS = {
+    "uniform": lambda key, batch_size, num_train_steps, logit_normal: jax.random.randint(
+        key, (batch_size,), 0, num_train_steps),
+    "logit-normal": _logit_normal_t,
+}
+
 # Variance of the ancestral step from (ᾱ_t, ᾱ', β) (see `DDPM.posterior`).
 VARIANCES = {
     "fixed_small": lambda ab_t, ab_prev, beta: (1 - ab_prev) / (1 - ab_t) * beta,
@@ -156,6 +172,8 @@ class DDPM:
   loss_kind: str = "mse"                # common.LOSSES
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: clip(SNR, lo, hi))
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
+  time_sampling: str = "uniform"        # TIME_SAMPLINGS: training timesteps
+  logit_normal: tuple[float, float] = (0.0, 1.0)   # (loc, scale) of 'logit-normal'
   final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
   # Resolved from the names above in __post_init__:
   _param: Parameterisation = dataclasses.field(init=False, repr=False, compare=False)
@@ -166,6 +184,8 @@ class DDPM:
   _variance: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False, compare=False)
   _error: ErrorFn = dataclasses.field(init=False, repr=False, compare=False)
   _weight: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
+  _draw_time: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
+                                                             compare=False)
 
   def __post_init__(self):
     resolved = dict(
@@ -174,7 +194,8 @@ class DDPM:
         _sampler_step=choose("sampler", self.sampler, SAMPLERS, family="ddpm"),
         _variance=choose("ancestral_variance", self.ancestral_variance, VARIANCES),
         _error=choose("loss", self.loss_kind, LOSSES),
-        _weight=choose("loss_weighting", self.loss_weighting, LOSS_WEIGHTS))
+        _weight=choose("loss_weighting", self.loss_weighting, LOSS_WEIGHTS),
+        _draw_time=choose("time_sampling", self.time_sampling, TIME_SAMPLINGS))
     if self.preconditioning == "skip" and self.prediction != "x0":
       raise ConfigError("config.objective.preconditioning='skip' needs "
                         f"config.objective.prediction='x0', got {self.prediction!r}")
@@ -190,7 +211,7 @@ class DDPM:
     """Builds from `config.objective` (keys: num_train_steps, beta_schedule, beta_start,
     beta_end, prediction, num_sample_steps (0 = 25), eta, timestep_spacing, preconditioning,
     sigma_data or sigma_data_channels, sampler ('default' = 'ddim'), ancestral_variance, loss
-    ('default' = 'mse'), loss_weighting, snr_range). `latent_shape` is unused (the rectified
+    ('default' = 'mse'), loss_weighting, snr_range, time_sampling, logit_normal). `latent_shape` is unused (the rectified
     flow's time shift needs it)."""
     del latent_shape
     o = objective_settings(cfg)
@@ -203,7 +224,8 @@ class DDPM:
               sampler=family_default(o["sampler"], "ddim"),
               ancestral_variance=o["ancestral_variance"],
               loss_kind=family_default(o["loss"], "mse"), loss_weighting=o["loss_weighting"],
-              snr_range=check_snr_range(o["snr_range"]))
+              snr_range=check_snr_range(o["snr_range"]), time_sampling=o["time_sampling"],
+              logit_normal=tuple(float(v) for v in o["logit_normal"]))
     obj.timesteps()  # validates steps and spacing early.
     return obj
 
@@ -217,8 +239,10 @@ class DDPM:
     return np.cumprod(1.0 - self.betas)
 
   def sample_time(self, key: jax.Array, batch_size: int) -> jnp.ndarray:
-    """Uniform integer training timesteps `[N]` in [0, T)."""
-    return jax.random.randint(key, (batch_size,), 0, self.num_train_steps)
+    """Integer training timesteps `[N]` in [0, T): uniform (WDM, MAISI), or `floor(T s)` with
+    s = sigmoid(loc + scale·n), n ~ N(0, 1) ('logit-normal': loc < 0 trains the low-noise end,
+    where the fine detail is drawn, more often)."""
+    return self._draw_time(key, batch_size, self.num_train_steps, self.logit_normal)
 
   def corrupt(self, z0: jnp.ndarray, noise: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
     """`z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) noise`; z0, noise `[N, ...]`, t `[N]`."""

@@ -304,3 +304,20 @@ def test_sampler_config_errors():
   with pytest.raises(ConfigError, match="config.objective.eta"):
     make_objective(_cfg(eta=2.0))
   assert make_objective(_cfg(num_sample_steps=0)).num_sample_steps == 25
+
+
+def test_training_timesteps_uniform_unchanged_or_logit_normal():
+  uniform = make_objective(_cfg())
+  key = jax.random.key(3)
+  # 'uniform' is the draw the objective always made (resumed runs continue identically).
+  np.testing.assert_array_equal(uniform.sample_time(key, 64),
+                                jax.random.randint(key, (64,), 0, 1000))
+  ln = make_objective(_cfg(time_sampling="logit-normal", logit_normal=(-1.0, 0.5)))
+  t = np.asarray(ln.sample_time(jax.random.key(1), 40000))
+  assert t.dtype == np.int32 and t.min() >= 0 and t.max() < 1000
+  # floor(T s) with logit(s) ~ N(-1, 0.5): the median timestep is T·sigmoid(-1) ≈ 269, and the
+  # fraction below T·sigmoid(-1 + 0.5) is Φ(1) ≈ 0.841.
+  assert abs(np.median(t) - 1000 / (1 + np.e)) < 3
+  assert abs(np.mean(t < 1000 / (1 + np.exp(0.5))) - 0.8413) < 0.01
+  with pytest.raises(ConfigError, match="config.objective.time_sampling"):
+    make_objective(_cfg(time_sampling="beta"))
