@@ -83,7 +83,8 @@ def curve_row(step: int, train_minutes: float, result: dict) -> dict:
 
 
 def _cell(v, fmt: str) -> str:
-  return "—" if v is None else format(v, fmt)
+  """A table cell: '—' for None, minus signs as '−'."""
+  return "—" if v is None else format(v, fmt).replace("-", "−")
 
 
 def curve_markdown(curve: dict) -> str:

@@ -3,7 +3,8 @@
 Modes: prepare (data shards + embedding table), train_autoencoder (the MAISI KL VAE),
 prepare_latents (encode the images once into latent shards, latent space), train, sample
 (counterfactuals; with `--config.sample.source` of given scans), all (prepare if missing →
-[latent: train_autoencoder if no VAE → prepare_latents →] train → sample), train_classifier (the 3D DenseNet-121 text-alignment classifier), evaluate (the paper's Tables 1
+[latent: train_autoencoder if no VAE → prepare_latents →] train → [calibrate →] sample), calibrate
+(each prompt's guidance scale chosen on held-out noises, `cf3d_jax.calibrate`), train_classifier (the 3D DenseNet-121 text-alignment classifier), evaluate (the paper's Tables 1
 and 2 → WORKDIR/eval/). Config overrides: `--config.train.num_steps=100`;
 the config is locked, so a misspelt key is an error. Problems with inputs (a bad flag or config
 value, a missing or unwritable file, a full disk) exit with status 2 and one line naming the file

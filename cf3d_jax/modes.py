@@ -1,6 +1,7 @@
 """What each `--mode` runs; importable without the CLI's absl flags (tests, notebooks).
 
-`all` runs the whole job for the config's space: prepare → train → sample for the wavelet space;
+`all` runs the whole job for the config's space: prepare → train → [calibrate, with
+`config.sample.calibrate`] → sample for the wavelet space;
 for the latent space prepare → train_autoencoder (only when `config.space.autoencoder` is empty
 and `WORKDIR/autoencoder/vae` does not exist yet) → prepare_latents → train → sample.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-MODES = ("prepare", "train_autoencoder", "prepare_latents", "train", "sample", "all",
+MODES = ("prepare", "train_autoencoder", "prepare_latents", "train", "calibrate", "sample", "all",
          "train_classifier", "evaluate")
 
 
@@ -37,6 +38,7 @@ def preflight(config, workdir: str, mode: str) -> None:
     raise ConfigError(f"--workdir={workdir}: is a file, not a folder; give a folder (it is "
                       "created if missing)")
   keys = {"train": ("train.batch_size",), "sample": ("sample.batch_size",),
+          "calibrate": ("sample.batch_size",),
           "all": ("train.batch_size", "sample.batch_size"), "evaluate": ("eval.batch_size",),
           "train_classifier": (), "train_autoencoder": (), "prepare": (),
           "prepare_latents": ()}[mode]
@@ -77,6 +79,10 @@ def _run_modes(config, workdir: str, mode: str, on_error: str) -> None:
   if mode in ("train", "all"):
     from cf3d_jax.train import train_and_evaluate
     train_and_evaluate(config, workdir)
+  if mode == "calibrate" or (mode == "all" and config.sample.calibrate
+                             and not config.sample.source):
+    from cf3d_jax.calibrate import calibrate
+    calibrate(config, workdir)
   if mode in ("sample", "all"):
     from cf3d_jax.sample import sample_counterfactuals
     sample_counterfactuals(config, workdir)

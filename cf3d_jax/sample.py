@@ -15,6 +15,11 @@ first prompt is the factual reference. Outputs under `WORKDIR/samples/`:
                                                       the first prompt, class-hit rates and
                                                       ordering (`cf3d_jax.metrics.phantom`).
 
+With `config.sample.calibrate` set, the guidance set `calibrated/` follows the scales: each
+prompt decoded at the scale `--mode=calibrate` chose for it on held-out noises of this model
+(`cf3d_jax.calibrate`; index items carry `"set": "calibrated"` and their own `guidance_scale`;
+`prompt_effect['calibrated']` lists the scales).
+
 With `config.sample.edit_mask` set ('template_wm' or a NIfTI mask), each counterfactual may
 change only that region: it follows the factual prompt's sampling trajectory outside the mask at
 every step and equals the factual volume there (`generate.generate`).
@@ -36,6 +41,7 @@ import os
 import jax
 from absl import logging
 
+from cf3d_jax import calibrate as calibrate_lib
 from cf3d_jax import sample_index
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import nifti, phantom_reference
@@ -66,28 +72,48 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   entries = []
   sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
                                 config.sample.guidance_rescale)
+  # Checked before anything is decoded: a calibration of this checkpoint and these settings.
+  calibration = (calibrate_lib.load_calibration(config, workdir, gen.step)
+                 if config.sample.calibrate else None)
+
+  def record(tmp_dir, folder: str, volumes, prompt_scales, set_name=None):
+    """Writes `volumes` [K, P, D, H, W] under `folder/` and appends their index entries."""
+    for k in range(config.sample.num_subjects):
+      sub_dir = f"{folder}/subject_{k:03d}"
+      for p, prompt in enumerate(prompts):
+        rel = os.path.join(sub_dir, names[p])
+        if tmp_dir is not None:   # multi-host: every process samples, process 0 writes
+          nifti.save_volume(os.path.join(tmp_dir, rel), volumes[k, p], gen.affine)
+        entry = {"subject": k, "prompt": prompt, "guidance_scale": float(prompt_scales[p]),
+                 "nifti": rel}
+        if set_name:
+          entry["set"] = set_name
+        sample_index.ground_truth_stats(entry, volumes[k, p], rule, volumes[k, 0] if p else None)
+        entries.append(entry)
+      if tmp_dir is not None:
+        save_montage(os.path.join(tmp_dir, sub_dir + ".png"), list(volumes[k]), prompts)
+
   with sample_index.output_folder(out_dir) as tmp_dir:   # None on processes that do not write
     for scale, x in generate(gen, range(config.sample.num_subjects), emb, mask,
                              config.sample.guidance_scales, noise_seed=config.seed,
                              key=jax.random.key(config.seed + SAMPLE_STREAM), batch_size=bsz,
                              negative=config.sample.guidance_negative, sampler_for=sampler_for,
                              desc="sampling", edit_masks=masks):
-      volumes = x[..., 0]                                # [K, P, D, H, W]
-      for k in range(config.sample.num_subjects):
-        sub_dir = f"g{scale:g}/subject_{k:03d}"
-        for p, prompt in enumerate(prompts):
-          rel = os.path.join(sub_dir, names[p])
-          if tmp_dir is not None:   # multi-host: every process samples, process 0 writes
-            nifti.save_volume(os.path.join(tmp_dir, rel), volumes[k, p], gen.affine)
-          entry = {"subject": k, "prompt": prompt, "guidance_scale": float(scale), "nifti": rel}
-          sample_index.ground_truth_stats(entry, volumes[k, p], rule, volumes[k, 0] if p else None)
-          entries.append(entry)
-        if tmp_dir is not None:
-          save_montage(os.path.join(tmp_dir, sub_dir + ".png"), list(volumes[k]), prompts)
+      record(tmp_dir, f"g{scale:g}", x[..., 0], [scale] * len(prompts))
+    if calibration is not None:   # each prompt at the scale --mode=calibrate chose for it
+      chosen = [calibration["chosen_scale"][p] for p in prompts]
+      x = calibrate_lib.decode_calibrated(
+          gen, chosen, emb, mask, num_subjects=config.sample.num_subjects, seed=config.seed,
+          batch_size=bsz, negative=config.sample.guidance_negative, sampler_for=sampler_for,
+          masks=masks)
+      record(tmp_dir, calibrate_lib.SET_NAME, x[..., 0], chosen, calibrate_lib.SET_NAME)
     result = {"checkpoint_step": gen.step, "seed": config.seed, "prompts": prompts,
               "guidance_scales": [float(g) for g in config.sample.guidance_scales],
               "guidance": sample_index.guidance_record(config, prompts[0]),
               "num_subjects": config.sample.num_subjects, "items": entries}
+    if calibration is not None:
+      result["calibration"] = {"file": "calibration.json", "num_noises": calibration["num_noises"],
+                               "chosen_scale": calibration["chosen_scale"]}
     effects = sample_index.summarise(result, entries, prompts, config.sample.guidance_scales, rule)
     if tmp_dir is not None:
       write_text(os.path.join(tmp_dir, "index.json"), json.dumps(result, indent=1))

@@ -50,30 +50,45 @@ def ground_truth_stats(entry: dict, volume: np.ndarray, rule, reference_volume=N
 
 def summarise(result: dict, entries: list[dict], prompts: list[str], scales, rule
                ) -> dict[str, dict]:
-  """Adds the measurement rule and, per guidance scale, `phantom.prompt_effect` of the
-  `[subjects, prompts]` measurements (means, change vs the first prompt, class-hit rates,
-  ordering) under `result['prompt_effect']`; returns that dict."""
+  """Adds the measurement rule and, per guidance scale (key `g{w}`) and per named set of the
+  entries (`set_key`, e.g. 'calibrated', which also lists each prompt's scale),
+  `phantom.prompt_effect` of the `[subjects, prompts]` measurements (means, change vs the first
+  prompt, class-hit rates, ordering) under `result['prompt_effect']`; returns that dict."""
   if rule is None or not any(rule.stat in e for e in entries):
     return {}
   result["rule"] = rule.description
   effects = {}
-  for g in scales:
+  keys = [f"g{g:g}" for g in scales]
+  keys += sorted({e["set"] for e in entries if e.get("set")})
+  for key in keys:
     rows = {}
-    for e in entries:
-      if e["guidance_scale"] == float(g):
-        rows.setdefault(e["subject"], {})[e["prompt"]] = e[rule.stat]
+    members = [e for e in entries if set_key(e) == key]
+    for e in members:
+      rows.setdefault(e["subject"], {})[e["prompt"]] = e[rule.stat]
     values = np.asarray([[row[p] for p in prompts] for _, row in sorted(rows.items())])
     eff = phantom_lib.prompt_effect(values, prompts, rule.dataset)
-    psnrs = [e["psnr_outside_wm_db"] for e in entries
-             if e["guidance_scale"] == float(g) and "psnr_outside_wm_db" in e]
+    if any(e.get("set") for e in members):   # a named set: each prompt at its own scale
+      eff["guidance_scale"] = {e["prompt"]: e["guidance_scale"] for e in members}
+    psnrs = [e["psnr_outside_wm_db"] for e in members if "psnr_outside_wm_db" in e]
     if psnrs:   # None where nothing changed outside the WM (blended edits): counted apart
       finite = [v for v in psnrs if v is not None]
       eff["fraction_unchanged_outside_wm"] = 1.0 - len(finite) / len(psnrs)
       if finite:
         eff["mean_psnr_outside_wm_db"] = float(np.mean(finite))
-    effects[f"g{g:g}"] = eff
+    effects[key] = eff
   result["prompt_effect"] = effects
   return effects
+
+
+def set_key(entry: dict) -> str:
+  """The guidance set an index item belongs to: its named set (e.g. 'calibrated', each prompt
+  at its own scale), else `g{scale}`."""
+  return entry.get("set") or f"g{entry['guidance_scale']:g}"
+
+
+def set_label(key: str) -> str:
+  """A `prompt_effect` key as a table cell: 'g6' → '6', a named set as itself."""
+  return key[1:] if key.startswith("g") and key[1:].replace(".", "", 1).isdigit() else key
 
 
 def guidance_record(config, factual: str) -> dict:

@@ -32,6 +32,7 @@ from absl import app, flags
 from cf3d_jax import console
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import write_text
+from cf3d_jax.sample_index import set_label
 
 SEEDS_FORMAT = "cf3d_jax.seeds/1"
 TARGET_CLASS_HIT = 0.9     # issue 13: ≥ 90 % of the volumes in their prompted class
@@ -70,7 +71,8 @@ def seed_rows(seed: int, index: dict, minutes: float | None) -> list[dict]:
         "mean": pe.get("mean"), "class_hit_rate_all": pe.get("class_hit_rate_all"),
         "last_minus_first": changes[-1] if changes else None,
         "ordered_fraction": pe.get("ordered_fraction"),
-        "psnr_outside_wm": pe.get("mean_psnr_outside_wm_db"), "minutes": minutes})
+        "psnr_outside_wm": pe.get("mean_psnr_outside_wm_db"), "minutes": minutes,
+        "prompt_scales": pe.get("guidance_scale")})   # a named set: each prompt's own w
   return rows
 
 
@@ -101,7 +103,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def _cell(v, fmt: str) -> str:
-  return "—" if v is None else format(v, fmt)
+  """A table cell: '—' for None, minus signs as '−'."""
+  return "—" if v is None else format(v, fmt).replace("-", "−")
 
 
 def seeds_markdown(result: dict) -> str:
@@ -115,14 +118,17 @@ def seeds_markdown(result: dict) -> str:
   for key, s in result["summary"].items():
     for r in (r for r in result["rows"] if r["scale"] == key):
       means = " / ".join(f"{v:.1f}" for v in (r["mean"] or {}).values()) or "—"
-      lines.append(f"| {key[1:]} | {r['seed']} | {means} | {_cell(r['class_hit_rate_all'], '.0%')} "
+      label = set_label(key) + ("" if not r.get("prompt_scales") else
+                                " (w " + " / ".join(f"{w:g}" for w in r["prompt_scales"].values())
+                                + ")")
+      lines.append(f"| {label} | {r['seed']} | {means} | {_cell(r['class_hit_rate_all'], '.0%')} "
                    f"| {_cell(r['last_minus_first'], '+.1f')} | "
                    f"{_cell(r['ordered_fraction'], '.0%')} | {_cell(r['psnr_outside_wm'], '.1f')} |")
     means = " / ".join(_cell(v, ".1f") for v in s["mean"].values()) or "—"
     spread = ("" if s["class_hit_rate_min"] is None else
               f" ({s['class_hit_rate_min']:.0%}–{s['class_hit_rate_max']:.0%}; "
               f"{s['seeds_at_target']} of {len(s['seeds'])} seeds ≥ {TARGET_CLASS_HIT:.0%})")
-    lines.append(f"| **{key[1:]}** | **all** | **{means}** | "
+    lines.append(f"| **{set_label(key)}** | **all** | **{means}** | "
                  f"**{_cell(s['class_hit_rate_mean'], '.0%')}**{spread} | "
                  f"**{_cell(s['last_minus_first'], '+.1f')}** | "
                  f"**{_cell(s['ordered_fraction'], '.0%')}** | "

@@ -31,7 +31,7 @@ from cf3d_jax.errors import ConfigError
 
 # Modes that build the diffusion U-Net on config.data.shape (others, e.g. the autoencoder's
 # configs, may use a grid the default U-Net cannot take).
-DIFFUSION_MODES = ("train", "sample", "all", "evaluate")
+DIFFUSION_MODES = ("train", "calibrate", "sample", "all", "evaluate")
 
 _PASSED: dict[str, frozenset[str]] = {}    # config content → the check groups it passed
 _MAX_REMEMBERED = 64
@@ -126,6 +126,9 @@ def _check_between(c: ml_collections.ConfigDict) -> None:
          "data.augment.flip_axes", c.data.augment.flip_axes, "distinct axes among 0, 1, 2")
   lo, hi = c.data.intensity_percentiles
   _check(lo < hi, "data.intensity_percentiles", c.data.intensity_percentiles, "(lo, hi), lo < hi")
+  _check(not c.sample.calibrate or c.data.dataset == "ms", "sample.calibrate", c.sample.calibrate,
+         f"False for data.dataset={c.data.dataset!r}: calibration scores prompts by the class "
+         "ranges of the MS lesion-load prompts (cf3d_jax.calibrate)")
   lo, hi = c.data.phantom.lesion_radius_mm
   _check(lo <= hi, "data.phantom.lesion_radius_mm", c.data.phantom.lesion_radius_mm,
          "(lo, hi), lo <= hi")

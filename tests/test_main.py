@@ -11,11 +11,14 @@ from conftest import run_cli
 
 def test_demo_all_mode_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
-  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=all"])
+  calibrated = ["--config.sample.calibrate=True", "--config.sample.calibration_scales=(1.0,3.0)",
+                "--config.sample.calibration_noises=1"]
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=all",
+                  *calibrated])
   assert proc.returncode == 0, proc.stderr[-3000:]
   # A quiet console: our own lines and progress bars; the libraries' INFO only in the log file.
   lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-  assert len(lines) <= 40, proc.stderr
+  assert len(lines) <= 48, proc.stderr   # calibration adds 5 lines
   assert not any("checkpoint_manager" in ln or "CheckpointManager" in ln for ln in lines)
   assert any(ln.startswith("training:") for ln in proc.stderr.replace("\r", "\n").splitlines())
   assert any(ln.startswith("trained to step 4") for ln in lines)
@@ -24,7 +27,7 @@ def test_demo_all_mode_end_to_end(tmp_path):
   index = json.load(open(os.path.join(workdir, "samples", "index.json")))
   prompts = index["prompts"]
   assert len(prompts) == 3 and index["guidance_scales"] == [1.0, 3.0]
-  assert len(index["items"]) == 1 * 3 * 2
+  assert len(index["items"]) == 1 * 3 * 3          # scales 1 and 3, and the calibrated set
   for item in index["items"]:
     img = nib.load(os.path.join(workdir, "samples", item["nifti"]))
     assert img.shape == (16, 16, 16)
@@ -34,9 +37,15 @@ def test_demo_all_mode_end_to_end(tmp_path):
   # The text reaches the output: the same noise under two prompts gives two volumes.
   by_prompt = {item["prompt"]: np.asarray(nib.load(os.path.join(
       workdir, "samples", item["nifti"])).dataobj) for item in index["items"]
-      if item["subject"] == 0 and item["guidance_scale"] == 3.0}
+      if item["subject"] == 0 and item["guidance_scale"] == 3.0 and "set" not in item}
   assert float(np.abs(by_prompt[prompts[0]] - by_prompt[prompts[2]]).max()) > 1e-5  # float noise ~4e-7
-  assert set(index["prompt_effect"]) == {"g1", "g3"}
+  assert set(index["prompt_effect"]) == {"g1", "g3", "calibrated"}
+  # Calibration: each prompt's w chosen from its class-hit rates on the held-out noise.
+  calib = json.load(open(os.path.join(workdir, "calibration.json")))
+  from cf3d_jax.calibrate import choose_scales
+  chosen, _ = choose_scales(calib["lesion_volume_ml"], [1.0, 3.0], [0, 1, 2])
+  assert [calib["chosen_scale"][p] for p in prompts] == chosen
+  assert index["prompt_effect"]["calibrated"]["guidance_scale"] == calib["chosen_scale"]
   effect = index["prompt_effect"]["g3"]
   assert effect["stat"] == "lesion_volume_ml" and set(effect["mean"]) == set(prompts)
   assert set(effect["class_hit_rate"]) == set(prompts)
@@ -48,10 +57,27 @@ def test_demo_all_mode_end_to_end(tmp_path):
   stale = os.path.join(workdir, "samples", "g15", "subject_000", "old.nii.gz")
   os.makedirs(os.path.dirname(stale))
   open(stale, "w").close()
-  again = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample"])
+  # The calibrated set decodes each prompt at its own scale: with the scales set by hand to
+  # 1 / 3 / 3 its volumes are the plain sets' volumes of those scales.
+  calib["chosen_scale"] = dict(zip(prompts, [1.0, 3.0, 3.0]))
+  with open(os.path.join(workdir, "calibration.json"), "w") as f:
+    json.dump(calib, f)
+  again = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample",
+                   *calibrated])
   assert again.returncode == 0, again.stderr[-3000:]
-  assert json.load(open(os.path.join(workdir, "samples", "index.json"))) == index
-  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["g1", "g3", "index.json"]
+  index2 = json.load(open(os.path.join(workdir, "samples", "index.json")))
+  plain = [i for i in index["items"] if "set" not in i]
+  assert [i for i in index2["items"] if "set" not in i] == plain
+  assert index2["prompt_effect"]["g3"] == index["prompt_effect"]["g3"]
+  for item in (i for i in index2["items"] if i.get("set") == "calibrated"):
+    w = item["guidance_scale"]
+    assert w == calib["chosen_scale"][item["prompt"]]
+    same = item["nifti"].replace("calibrated/", f"g{w:g}/")
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(os.path.join(workdir, "samples", item["nifti"])).dataobj),
+        np.asarray(nib.load(os.path.join(workdir, "samples", same)).dataobj))
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+      "calibrated", "g1", "g3", "index.json"]
   assert not [n for n in os.listdir(workdir) if n.startswith(".tmp-")]
   # Real-subject counterfactuals: invert two scans (comma-separated), decode under every prompt.
   scans = [os.path.join(workdir, "samples", index["items"][i]["nifti"]) for i in (0, 2)]

@@ -131,9 +131,11 @@ def prompt_effect(values: np.ndarray, prompts: Sequence[str], dataset: str) -> d
 
 def format_table(effects: dict[str, dict], prompts: Sequence[str]) -> str:
   """Plain-text table, one row per guidance scale key of `effects` (`prompt_effect` outputs):
-  mean per prompt, class-hit rate (MS) and the ordered fraction."""
+  mean per prompt, class-hit rate (MS) and the ordered fraction; a named set's row (e.g.
+  'calibrated') is followed by each prompt's scale."""
   short = [p.replace("Subject has ", "").replace("Subject is ", "").rstrip(".") for p in prompts]
-  lines = [f"{'w':>5}  " + "  ".join(f"{s[:22]:>22}" for s in short) + "   hit   ordered"]
+  width = max([5] + [len(k) for k in effects])
+  lines = [f"{'w':>{width}}  " + "  ".join(f"{s[:22]:>22}" for s in short) + "   hit   ordered"]
   for key, eff in effects.items():
     cells = []
     for p in prompts:
@@ -141,7 +143,10 @@ def format_table(effects: dict[str, dict], prompts: Sequence[str]) -> str:
       cells.append(f"{eff['mean'][p]:8.1f} mL" + (f" ({hit:4.0%})" if hit is not None else ""))
     hit_all = eff.get("class_hit_rate_all")
     ordered = eff.get("ordered_fraction")
-    lines.append(f"{key:>5}  " + "  ".join(f"{c:>22}" for c in cells)
+    lines.append(f"{key:>{width}}  " + "  ".join(f"{c:>22}" for c in cells)
                  + (f"  {hit_all:4.0%}" if hit_all is not None else "     -")
                  + (f"   {ordered:4.0%}" if ordered is not None else "      -"))
+    if eff.get("guidance_scale"):
+      lines.append(f"{'':>{width}}  " + "  ".join(
+          f"{'w = ' + format(eff['guidance_scale'][p], 'g'):>22}" for p in prompts))
   return "\n".join(lines)

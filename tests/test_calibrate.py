@@ -1,0 +1,110 @@
+"""Calibrated guidance: the per-prompt choice of w, and the checks on `calibration.json`.
+
+The end-to-end run (`--mode=all` with `sample.calibrate`, the calibrated set of the index against
+the plain scales' volumes) is part of tests/test_main.py's demo test.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cf3d_jax import calibrate as cal
+from cf3d_jax import sample_index
+from cf3d_jax.config_base import validate
+from cf3d_jax.errors import ConfigError
+from cf3d_jax.metrics import phantom
+
+
+def test_choose_scales_maximises_the_class_hit_rate_per_prompt():
+  scales = [1.0, 3.0, 6.0, 10.0]
+  # [S, K=4, P=3] mL: minimal stays in class everywhere (tie → smallest w); moderate lands
+  # 10–25 mL for 4 of 4 noises only at w = 6; high passes 25 mL for 3 of 4 at w = 6 and 4 of 4 at
+  # w = 10.
+  values = np.zeros((4, 4, 3))
+  values[:, :, 0] = 2.0
+  values[:, :, 1] = [[1, 2, 3, 4], [5, 9, 12, 14], [11, 15, 20, 24], [30, 40, 50, 60]]
+  values[:, :, 2] = [[1, 2, 3, 4], [10, 12, 14, 20], [20, 30, 35, 40], [40, 50, 60, 70]]
+  chosen, table = cal.choose_scales(values, scales, [0, 1, 2])
+  assert chosen == [1.0, 6.0, 10.0]
+  assert table["per_prompt"][1]["hit_rate"] == [0.0, 0.5, 1.0, 0.0]
+  assert table["per_prompt"][2]["class_range_ml"] == [25.0, None]
+  # Equal hit rates: the smaller distance to the range wins, then the smaller w.
+  tie = np.zeros((2, 2, 1))
+  tie[0, :, 0] = [5.0, 40.0]     # hit 1/2, 15 mL over on the other noise
+  tie[1, :, 0] = [5.0, 26.0]     # hit 1/2, 1 mL over
+  assert cal.choose_scales(tie, [2.0, 8.0], [0])[0] == [8.0]
+  assert cal.choose_scales(tie[[1, 1]], [2.0, 8.0], [0])[0] == [2.0]
+  with pytest.raises(ValueError, match="expected"):
+    cal.choose_scales(values, scales[:2], [0, 1, 2])
+
+
+def test_prompt_classes_need_ms_ranges(smoke_config):
+  prompts = list(smoke_config.sample.prompts)
+  assert cal.prompt_classes("ms", prompts) == [0, 1, 2]
+  with pytest.raises(ConfigError, match="names an order only"):
+    cal.prompt_classes("adni", prompts)
+  with pytest.raises(ConfigError, match="name no lesion-load class"):
+    cal.prompt_classes("ms", prompts + ["Subject has a brain."])
+  smoke_config.sample.calibrate = True
+  validate(smoke_config, "all")
+  smoke_config.data.dataset = "adni"
+  with pytest.raises(ConfigError, match="config.sample.calibrate=True"):
+    validate(smoke_config, "all")
+
+
+def _write(workdir, config, step, **change):
+  content = {"format": cal.CALIBRATION_FORMAT, "checkpoint_step": step,
+             "settings": cal.settings(config), "num_noises": 2,
+             "chosen_scale": {p: 1.0 for p in config.sample.prompts}}
+  content.update(change)
+  with open(cal.calibration_path(str(workdir)), "w") as f:
+    json.dump(content, f)
+
+
+def test_sampling_refuses_a_calibration_of_another_model_or_setting(smoke_config, tmp_path):
+  with pytest.raises(ConfigError, match="calibration.json: no calibration; run --mode=calibrate"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+  _write(tmp_path, smoke_config, 4)
+  assert cal.load_calibration(smoke_config, str(tmp_path), 4)["num_noises"] == 2
+  with pytest.raises(ConfigError, match="made for checkpoint step 4, sampling uses step 2"):
+    cal.load_calibration(smoke_config, str(tmp_path), 2)
+  smoke_config.sample.guidance_negative = "factual"
+  smoke_config.sample.guidance_interval = (0.0, 0.3)
+  with pytest.raises(ConfigError, match=r"other sampling settings \(guidance_negative, "
+                                        r"guidance_interval\)"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+  _write(tmp_path, smoke_config, 4, format="other/1")
+  with pytest.raises(ConfigError, match="format 'other/1'"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+  with open(cal.calibration_path(str(tmp_path)), "w") as f:
+    f.write("{")
+  with pytest.raises(ConfigError, match="unreadable calibration"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+
+
+def test_a_named_set_is_summarised_with_each_prompt_scale():
+  prompts = ["Subject has minimal lesion load.", "Subject has high lesion load."]
+  entries = []
+  for k, (lo, hi) in enumerate([(2.0, 30.0), (3.0, 20.0)]):
+    for set_name, w, vols in ((None, 3.0, (lo, lo + 1)), ("calibrated", None, (lo, hi))):
+      for p, v in zip(prompts, vols):
+        e = {"subject": k, "prompt": p, "lesion_volume_ml": v,
+             "guidance_scale": w if w else (1.0 if p == prompts[0] else 9.0)}
+        if set_name:
+          e["set"] = set_name
+        entries.append(e)
+
+  class Rule:
+    stat, dataset, description = "lesion_volume_ml", "ms", "rule"
+  result = {}
+  effects = sample_index.summarise(result, entries, prompts, [3.0], Rule())
+  assert list(effects) == ["g3", "calibrated"]
+  assert effects["g3"]["class_hit_rate"][prompts[1]] == 0.0
+  assert effects["calibrated"]["class_hit_rate"][prompts[1]] == 0.5
+  assert effects["calibrated"]["guidance_scale"] == {prompts[0]: 1.0, prompts[1]: 9.0}
+  assert "guidance_scale" not in effects["g3"]
+  table = phantom.format_table(effects, prompts)
+  assert "calibrated" in table and "w = 9" in table
+  assert [sample_index.set_label(k) for k in effects] == ["3", "calibrated"]
