@@ -13,6 +13,8 @@ hyperparameter on held-out data:
 - measure each volume with the phantom rule (MS lesion volume: voxels > 0.2 in the template WM);
 - per prompt keep the scale whose volumes land in the prompt's class range most often (ties: the
   smaller mean distance to the range, then the smaller w, which preserves the subject best).
+  Under contrastive guidance (`sample.guidance_negative='factual'`) the factual prompt is guided
+  against itself, the conditional model at every w, and is given w = 1.
 
 Writes `WORKDIR/calibration.json` (`CALIBRATION_FORMAT`): the chosen scale per prompt and every
 measurement it was chosen from. With `config.sample.calibrate` set, `--mode=sample` adds the
@@ -79,27 +81,31 @@ def prompt_classes(dataset: str, prompts) -> list[int]:
   return classes
 
 
-def choose_scales(values: np.ndarray, scales, classes) -> tuple[list[float], dict]:
-  """values `[S scales, K noises, P prompts]` (mL) → (chosen w per prompt, per-prompt table).
+def choose_scales(values: np.ndarray, scales, classes, factual_fixed: bool = False
+                  ) -> tuple[list[float], dict]:
+  """values `[S scales, K noises, P prompts]` (mL) → (chosen w per prompt, table: per prompt
+  the hit rates, distances and means per scale; the hit rate at each chosen w).
 
   Per prompt: the scale with the highest class-hit rate over the K noises; ties broken by the
-  smaller mean distance to the class range (mL), then by the smaller w."""
+  smaller mean distance to the class range (mL), then by the smaller w. factual_fixed: prompt 0
+  is guided against itself (contrastive guidance), the same volume at every w: it gets w = 1."""
   values = np.asarray(values, np.float64)
   scales = [float(s) for s in scales]
   if values.shape[0] != len(scales) or values.shape[2] != len(classes):
     raise ValueError(f"values {values.shape}: expected [{len(scales)}, K, {len(classes)}]")
-  chosen, table = [], []
+  chosen, table, hits_at = [], [], []
   for p, c in enumerate(classes):
     lo, hi = phantom_lib.class_range_ml(c)
     v = values[:, :, p]
     hit = np.mean((v >= lo) & (v < hi), axis=1)
     dist = np.mean(np.maximum(lo - v, 0) + np.maximum(v - hi, 0), axis=1)
     best = min(range(len(scales)), key=lambda i: (-hit[i], dist[i], scales[i]))
-    chosen.append(scales[best])
+    chosen.append(1.0 if factual_fixed and p == 0 else scales[best])
+    hits_at.append(float(hit[best]))
     table.append({"class_range_ml": [lo, None if np.isinf(hi) else hi],
                   "hit_rate": [float(h) for h in hit], "mean_distance_ml": [float(d) for d in dist],
                   "mean_ml": [float(m) for m in v.mean(axis=1)]})
-  return chosen, {"per_prompt": table}
+  return chosen, {"per_prompt": table, "chosen_hit_rate": hits_at}
 
 
 def calibrate(config, workdir: str) -> dict:
@@ -127,13 +133,13 @@ def calibrate(config, workdir: str) -> dict:
                        desc="calibrating", edit_masks=edit_masks(config, reference,
                                                                  gen.latent_shape)):
     values.append([[rule.measure(x[k, p]) for p in range(len(prompts))] for k in range(len(x))])
-  chosen, table = choose_scales(np.asarray(values), scales, classes)
+  chosen, table = choose_scales(np.asarray(values), scales, classes,
+                                factual_fixed=config.sample.guidance_negative == "factual")
   result = {"format": CALIBRATION_FORMAT, "checkpoint_step": gen.step, "seed": config.seed,
             "settings": settings(config), "rule": rule.description,
             "num_noises": int(config.sample.calibration_noises), "scales": scales,
             "chosen_scale": dict(zip(prompts, chosen)),
-            "chosen_hit_rate": {p: table["per_prompt"][i]["hit_rate"][scales.index(w)]
-                                for i, (p, w) in enumerate(zip(prompts, chosen))},
+            "chosen_hit_rate": dict(zip(prompts, table.pop("chosen_hit_rate"))),
             "lesion_volume_ml": np.round(np.asarray(values), 3).tolist(),   # [S, K, P]
             **table}
   if jax.process_index() == 0:

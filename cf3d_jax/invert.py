@@ -162,6 +162,10 @@ def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, n
 def sample_from_sources(config, workdir: str) -> dict:
   """Real-subject counterfactuals of the scans `config.sample.source` names (module docstring)."""
   from tqdm import tqdm
+  if config.sample.calibrate:
+    logging.warning("config.sample.calibrate: calibration scores counterfactuals from noise; "
+                    "the given scans are decoded at config.sample.guidance_scales %s only",
+                    tuple(config.sample.guidance_scales))
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts

@@ -30,6 +30,11 @@ def test_choose_scales_maximises_the_class_hit_rate_per_prompt():
   assert chosen == [1.0, 6.0, 10.0]
   assert table["per_prompt"][1]["hit_rate"] == [0.0, 0.5, 1.0, 0.0]
   assert table["per_prompt"][2]["class_range_ml"] == [25.0, None]
+  assert table["chosen_hit_rate"] == [1.0, 1.0, 1.0]
+  # Contrastive guidance: the factual prompt is the conditional model at every w.
+  assert cal.choose_scales(values, scales, [0, 1, 2], factual_fixed=True)[0] == [1.0, 6.0, 10.0]
+  values[:, :, 0] = [[20] * 4, [2] * 4, [2] * 4, [2] * 4]
+  assert cal.choose_scales(values, scales, [0, 1, 2])[0][0] == 3.0
   # Equal hit rates: the smaller distance to the range wins, then the smaller w.
   tie = np.zeros((2, 2, 1))
   tie[0, :, 0] = [5.0, 40.0]     # hit 1/2, 15 mL over on the other noise
