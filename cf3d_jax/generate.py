@@ -195,12 +195,26 @@ def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
                     interval: Sequence[float] = (0.0, 1.0),
                     rescale: float = 0.0) -> Callable[..., Callable]:
   """(scale, **kw) → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
-  `interval` with guidance rescale φ = `rescale` (kw: `trajectory`, `edit_masks`); ConfigError
+  `interval` with guidance rescale φ = `rescale` (kw: `trajectory`, `edit_masks`), made once per
+  (scale, trajectory, edit_masks object) and reused; ConfigError
   naming `key` (e.g. 'sample.batch_size') if `batch_size` does not split over the mesh."""
   on_mesh = mesh_kwargs(gen, batch_size, key)
-  return lambda scale, **kw: make_sampler(gen.model, gen.objective, gen.space, float(scale),
-                                          *gen.null, interval=tuple(interval),
-                                          rescale=float(rescale), **kw, **on_mesh)
+  made: dict[tuple, Callable] = {}
+
+  def sampler_for(scale, **kw):
+    # One sampler (and so one compile) per scale and kind, however often it is asked for: the
+    # calibrated set decodes at scales the plain sets already compiled.
+    key_ = (float(scale), bool(kw.get("trajectory", False)), id(kw.get("edit_masks")))
+    unknown = sorted(set(kw) - {"trajectory", "edit_masks"})
+    if unknown:
+      raise TypeError(f"sampler_for: unexpected keywords {unknown}")
+    if key_ not in made:   # the masks are kept with their sampler, so their id stays theirs
+      made[key_] = (make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
+                                 interval=tuple(interval), rescale=float(rescale), **kw,
+                                 **on_mesh), kw.get("edit_masks"))
+    return made[key_][0]
+
+  return sampler_for
 
 
 def batched(fn: Callable, n: int, batch_size: int, *arrays, desc: str | None = None):

@@ -105,6 +105,12 @@ def test_masked_counterfactuals_keep_the_factual_outside_the_mask(generator):
   outside = held[:, :, d // 2:]
   np.testing.assert_array_equal(outside, np.broadcast_to(outside[:, :1], outside.shape))
   assert float(np.abs(held[:, 2, : d // 2] - held[:, 0, : d // 2]).max()) > 1e-5
+  # One sampler per (scale, kind): asked again, the compiled one comes back.
+  sampler_for = kw["sampler_for"]
+  assert sampler_for(GUIDANCE) is sampler_for(GUIDANCE) is not sampler_for(1.0)
+  assert sampler_for(GUIDANCE, trajectory=True) is not sampler_for(GUIDANCE)
+  with pytest.raises(TypeError, match="unexpected keywords"):
+    sampler_for(GUIDANCE, depth=0.5)
 
 
 # ---- the committed notebook -------------------------------------------------------------------
