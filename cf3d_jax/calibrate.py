@@ -133,14 +133,15 @@ def calibrate(config, workdir: str) -> dict:
                        desc="calibrating", edit_masks=edit_masks(config, reference,
                                                                  gen.latent_shape)):
     values.append([[rule.measure(x[k, p]) for p in range(len(prompts))] for k in range(len(x))])
-  chosen, table = choose_scales(np.asarray(values), scales, classes,
+  values = np.round(np.asarray(values, np.float64), 3)   # [S, K, P] mL, as the file keeps them
+  chosen, table = choose_scales(values, scales, classes,
                                 factual_fixed=config.sample.guidance_negative == "factual")
   result = {"format": CALIBRATION_FORMAT, "checkpoint_step": gen.step, "seed": config.seed,
             "settings": settings(config), "rule": rule.description,
             "num_noises": int(config.sample.calibration_noises), "scales": scales,
             "chosen_scale": dict(zip(prompts, chosen)),
             "chosen_hit_rate": dict(zip(prompts, table.pop("chosen_hit_rate"))),
-            "lesion_volume_ml": np.round(np.asarray(values), 3).tolist(),   # [S, K, P]
+            "lesion_volume_ml": values.tolist(),   # [S, K, P]: the choice can be redone from it
             **table}
   if jax.process_index() == 0:
     write_text(calibration_path(workdir), json.dumps(result, indent=1))
