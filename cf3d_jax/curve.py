@@ -34,6 +34,7 @@ from cf3d_jax import console
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.figures import pyplot, save_png
 from cf3d_jax.files import write_text
+from cf3d_jax.sample_index import set_label, table_cell
 from cf3d_jax.workdir import Workdir
 
 CURVE_FORMAT = "cf3d_jax.curve/1"
@@ -82,11 +83,6 @@ def curve_row(step: int, train_minutes: float, result: dict) -> dict:
   return row
 
 
-def _cell(v, fmt: str) -> str:
-  """A table cell: '—' for None, minus signs as '−'."""
-  return "—" if v is None else format(v, fmt).replace("-", "−")
-
-
 def curve_markdown(curve: dict) -> str:
   """The curve as a table: one row per (step, guidance scale)."""
   lines = [f"Training curve of `{curve['config']}` (seed {curve['seed']}, "
@@ -101,11 +97,12 @@ def curve_markdown(curve: dict) -> str:
       means = " / ".join(f"{v:.1f}" for v in (s["mean"] or {}).values()) or "—"
       changes = list((s["change_vs_first"] or {}).values())
       lines.append(
-          f"| {row['step']} | {row['train_minutes']:.1f} | {key[1:]} | {means} | "
-          f"{_cell(s['class_hit_rate_all'], '.0%')} | "
-          f"{_cell(changes[-1] if changes else None, '+.1f')} | "
-          f"{_cell(s['ordered_fraction'], '.0%')} | {_cell(s['psnr_outside_wm'], '.1f')} | "
-          f"{_cell(s['fid'], '.4f')} | {_cell(s['fid_vs_floor'], '.1f')} |")
+          f"| {row['step']} | {row['train_minutes']:.1f} | {set_label(key)} | {means} | "
+          f"{table_cell(s['class_hit_rate_all'], '.0%')} | "
+          f"{table_cell(changes[-1] if changes else None, '+.1f')} | "
+          f"{table_cell(s['ordered_fraction'], '.0%')} | "
+          f"{table_cell(s['psnr_outside_wm'], '.1f')} | "
+          f"{table_cell(s['fid'], '.4f')} | {table_cell(s['fid_vs_floor'], '.1f')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -119,9 +116,9 @@ def plot_curve(curve: dict, path: str) -> None:
   for key in keys:
     hit = [r["scales"][key]["class_hit_rate_all"] for r in rows]
     if all(h is not None for h in hit):
-      axes[0].plot(minutes, hit, "o-", label=f"w = {key[1:]}")
+      axes[0].plot(minutes, hit, "o-", label=f"w = {set_label(key)}")
     axes[1].plot(minutes, [r["scales"][key]["fid_vs_floor"] or float("nan") for r in rows],
-                 "o-", label=f"w = {key[1:]}")
+                 "o-", label=f"w = {set_label(key)}")
   axes[0].axhline(TARGET_CLASS_HIT, color="0.6", ls="--", lw=0.8)
   axes[1].axhline(TARGET_FID_VS_FLOOR, color="0.6", ls="--", lw=0.8)
   axes[0].set_ylabel("in prompted class")

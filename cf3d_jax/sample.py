@@ -112,8 +112,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
               "guidance": sample_index.guidance_record(config, prompts[0]),
               "num_subjects": config.sample.num_subjects, "items": entries}
     if calibration is not None:
-      result["calibration"] = {"file": "calibration.json", "num_noises": calibration["num_noises"],
-                               "chosen_scale": calibration["chosen_scale"]}
+      result["calibration"] = {"file": "calibration.json", "num_noises": calibration["num_noises"]}
     effects = sample_index.summarise(result, entries, prompts, config.sample.guidance_scales, rule)
     if tmp_dir is not None:
       write_text(os.path.join(tmp_dir, "index.json"), json.dumps(result, indent=1))

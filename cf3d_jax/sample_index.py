@@ -86,6 +86,11 @@ def set_key(entry: dict) -> str:
   return entry.get("set") or f"g{entry['guidance_scale']:g}"
 
 
+def table_cell(v, fmt: str) -> str:
+  """A markdown table cell: '—' for None, minus signs as '−' (the seeds and curve tables)."""
+  return "—" if v is None else format(v, fmt).replace("-", "−")
+
+
 def set_label(key: str) -> str:
   """A `prompt_effect` key as a table cell: 'g6' → '6', a named set as itself."""
   return key[1:] if key.startswith("g") and key[1:].replace(".", "", 1).isdigit() else key

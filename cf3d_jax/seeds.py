@@ -32,7 +32,7 @@ from absl import app, flags
 from cf3d_jax import console
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import write_text
-from cf3d_jax.sample_index import set_label
+from cf3d_jax.sample_index import set_label, table_cell
 
 SEEDS_FORMAT = "cf3d_jax.seeds/1"
 TARGET_CLASS_HIT = 0.9     # issue 13: ≥ 90 % of the volumes in their prompted class
@@ -102,11 +102,6 @@ def summarise(rows: list[dict]) -> dict:
   return out
 
 
-def _cell(v, fmt: str) -> str:
-  """A table cell: '—' for None, minus signs as '−'."""
-  return "—" if v is None else format(v, fmt).replace("-", "−")
-
-
 def seeds_markdown(result: dict) -> str:
   """Per scale: one row per seed, then the mean over the seeds (bold)."""
   lines = [f"`{result['config']}` under seeds {', '.join(map(str, result['seeds']))} "
@@ -121,18 +116,20 @@ def seeds_markdown(result: dict) -> str:
       label = set_label(key) + ("" if not r.get("prompt_scales") else
                                 " (w " + " / ".join(f"{w:g}" for w in r["prompt_scales"].values())
                                 + ")")
-      lines.append(f"| {label} | {r['seed']} | {means} | {_cell(r['class_hit_rate_all'], '.0%')} "
-                   f"| {_cell(r['last_minus_first'], '+.1f')} | "
-                   f"{_cell(r['ordered_fraction'], '.0%')} | {_cell(r['psnr_outside_wm'], '.1f')} |")
-    means = " / ".join(_cell(v, ".1f") for v in s["mean"].values()) or "—"
+      lines.append(f"| {label} | {r['seed']} | {means} | "
+                   f"{table_cell(r['class_hit_rate_all'], '.0%')} | "
+                   f"{table_cell(r['last_minus_first'], '+.1f')} | "
+                   f"{table_cell(r['ordered_fraction'], '.0%')} | "
+                   f"{table_cell(r['psnr_outside_wm'], '.1f')} |")
+    means = " / ".join(table_cell(v, ".1f") for v in s["mean"].values()) or "—"
     spread = ("" if s["class_hit_rate_min"] is None else
               f" ({s['class_hit_rate_min']:.0%}–{s['class_hit_rate_max']:.0%}; "
               f"{s['seeds_at_target']} of {len(s['seeds'])} seeds ≥ {TARGET_CLASS_HIT:.0%})")
     lines.append(f"| **{set_label(key)}** | **all** | **{means}** | "
-                 f"**{_cell(s['class_hit_rate_mean'], '.0%')}**{spread} | "
-                 f"**{_cell(s['last_minus_first'], '+.1f')}** | "
-                 f"**{_cell(s['ordered_fraction'], '.0%')}** | "
-                 f"**{_cell(s['psnr_outside_wm'], '.1f')}** |")
+                 f"**{table_cell(s['class_hit_rate_mean'], '.0%')}**{spread} | "
+                 f"**{table_cell(s['last_minus_first'], '+.1f')}** | "
+                 f"**{table_cell(s['ordered_fraction'], '.0%')}** | "
+                 f"**{table_cell(s['psnr_outside_wm'], '.1f')}** |")
   return "\n".join(lines) + "\n"
 
 
