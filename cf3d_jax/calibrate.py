@@ -13,13 +13,24 @@ hyperparameter on held-out data:
 - measure each volume with the phantom rule (MS lesion volume: voxels > 0.2 in the template WM);
 - per prompt keep the scale whose volumes land in the prompt's class range most often (ties: the
   smaller mean distance to the range, then the smaller w, which preserves the subject best).
-  Under contrastive guidance (`sample.guidance_negative='factual'`) the factual prompt is guided
-  against itself, the conditional model at every w, and is given w = 1.
+  With `config.sample.calibration_min_psnr` > 0 only scales whose mean PSNR between factual and
+  counterfactual outside the template WM reaches that floor compete (where none does, the scale
+  with the highest PSNR is kept and a warning logged): the choice then trades class hits for
+  subject preservation explicitly. Under contrastive guidance
+  (`sample.guidance_negative='factual'`) the factual prompt is guided against itself, the
+  conditional model at every w, and is given w = 1.
 
 Writes `WORKDIR/calibration.json` (`CALIBRATION_FORMAT`): the chosen scale per prompt and every
 measurement it was chosen from. With `config.sample.calibrate` set, `--mode=sample` adds the
 guidance set 'calibrated' (each prompt decoded at its own scale, folder `samples/calibrated/`,
 `prompt_effect['calibrated']` in index.json), and `--mode=all` calibrates before it samples.
+
+Counterfactuals of given scans (`config.sample.source`) respond to w otherwise than samples from
+noise (the inverted noise and blended editing damp the effect), so they get their own
+calibration: with `config.sample.source` set, `--mode=calibrate` runs `calibrate_scans` on
+phantoms of the *validation* split (never the given scans), each inverted under its own class's
+prompt and decoded under every other prompt, and writes `WORKDIR/calibration_scans.json`;
+`--mode=sample` with the source and `config.sample.calibrate` adds `samples_source/calibrated/`.
 
 Needs phantom data whose prompts name class ranges (the MS lesion-load classes); the AD prompts
 name an order, not ranges, and are refused with a ConfigError.
@@ -50,14 +61,18 @@ CALIBRATION_NOISE_OFFSET = 1 << 20   # calibration noise i = subject_noise(seed,
 SET_NAME = "calibrated"              # the guidance set's key in index.json and its folder
 
 
-def calibration_path(workdir: str) -> str:
-  return os.path.join(Workdir(workdir).root, "calibration.json")
+def calibration_path(workdir: str, scans: bool = False) -> str:
+  """`WORKDIR/calibration.json` (from noise) or, scans, `WORKDIR/calibration_scans.json`."""
+  return os.path.join(Workdir(workdir).root,
+                      "calibration_scans.json" if scans else "calibration.json")
 
 
-def settings(config) -> dict:
+def settings(config, scans: bool = False) -> dict:
   """The sampling settings a calibration holds for: `--mode=sample` refuses a calibration made
-  under other ones."""
-  return {"prompts": list(config.sample.prompts),
+  under other ones (for given scans, the inversion's too)."""
+  extra = ({"inversion_depth": float(config.sample.inversion_depth),
+            "inversion_refine": int(config.sample.inversion_refine)} if scans else {})
+  return {**extra, "prompts": list(config.sample.prompts),
           "guidance_negative": config.sample.guidance_negative,
           "guidance_interval": [float(v) for v in config.sample.guidance_interval],
           "guidance_rescale": float(config.sample.guidance_rescale),
@@ -81,31 +96,95 @@ def prompt_classes(dataset: str, prompts) -> list[int]:
   return classes
 
 
-def choose_scales(values: np.ndarray, scales, classes, factual_fixed: bool = False
-                  ) -> tuple[list[float], dict]:
+def mean_psnr(psnr: np.ndarray) -> np.ndarray:
+  """psnr `[S, K, P]` dB (inf where nothing changed) → `[S, P]`: the mean over the K noises of
+  the finite values, inf where none is finite."""
+  psnr = np.asarray(psnr, np.float64)
+  finite = np.isfinite(psnr)
+  total = np.where(finite, psnr, 0.0).sum(axis=1)
+  count = finite.sum(axis=1)
+  return np.where(count > 0, total / np.maximum(count, 1), np.inf)
+
+
+def choose_scales(values: np.ndarray, scales, classes, factual_fixed: bool = False,
+                  psnr: np.ndarray | None = None, min_psnr: float = 0.0,
+                  counted: np.ndarray | None = None) -> tuple[list[float], dict]:
   """values `[S scales, K noises, P prompts]` (mL) → (chosen w per prompt, table: per prompt
   the hit rates, distances and means per scale; the hit rate at each chosen w).
 
   Per prompt: the scale with the highest class-hit rate over the K noises; ties broken by the
   smaller mean distance to the class range (mL), then by the smaller w. factual_fixed: prompt 0
-  is guided against itself (contrastive guidance), the same volume at every w: it gets w = 1."""
+  is guided against itself (contrastive guidance), the same volume at every w: it gets w = 1.
+  psnr `[S, K, P]` (dB outside the WM against the factual, inf where identical) with
+  min_psnr > 0: only scales whose mean PSNR reaches min_psnr compete; where none does, the
+  scale with the highest mean PSNR is kept (its prompt is listed under 'below_min_psnr').
+  counted `[K, P]` bool: which (noise or scan, prompt) pairs the rates and means count (given
+  scans: only those whose factual class differs from the prompt's); None = all."""
   values = np.asarray(values, np.float64)
   scales = [float(s) for s in scales]
   if values.shape[0] != len(scales) or values.shape[2] != len(classes):
     raise ValueError(f"values {values.shape}: expected [{len(scales)}, K, {len(classes)}]")
-  chosen, table, hits_at = [], [], []
+  if psnr is not None and np.shape(psnr) != values.shape:
+    raise ValueError(f"psnr {np.shape(psnr)}: expected the values' shape {values.shape}")
+  if counted is None:
+    counted = np.ones(values.shape[1:], bool)
+  counted = np.asarray(counted, bool)
+  if counted.shape != values.shape[1:] or not counted.any(axis=0).all():
+    raise ValueError(f"counted {counted.shape}: expected {values.shape[1:]} with at least one "
+                     "counted item per prompt")
+  if psnr is not None:
+    psnr = np.where(counted[None], np.asarray(psnr, np.float64), np.inf)
+  means = mean_psnr(psnr) if psnr is not None else None
+  chosen, table, hits_at, below = [], [], [], []
   for p, c in enumerate(classes):
     lo, hi = phantom_lib.class_range_ml(c)
-    v = values[:, :, p]
+    v = values[:, counted[:, p], p]
     hit = np.mean((v >= lo) & (v < hi), axis=1)
     dist = np.mean(np.maximum(lo - v, 0) + np.maximum(v - hi, 0), axis=1)
-    best = min(range(len(scales)), key=lambda i: (-hit[i], dist[i], scales[i]))
+    candidates = list(range(len(scales)))
+    if min_psnr > 0 and means is not None and not (factual_fixed and p == 0):
+      candidates = [i for i in candidates if means[i, p] >= min_psnr]
+      if not candidates:   # no scale preserves enough: the one that preserves best
+        below.append(p)
+        candidates = [max(range(len(scales)), key=lambda i: (means[i, p], -scales[i]))]
+    best = min(candidates, key=lambda i: (-hit[i], dist[i], scales[i]))
     chosen.append(1.0 if factual_fixed and p == 0 else scales[best])
     hits_at.append(float(hit[best]))
-    table.append({"class_range_ml": [lo, None if np.isinf(hi) else hi],
-                  "hit_rate": [float(h) for h in hit], "mean_distance_ml": [float(d) for d in dist],
-                  "mean_ml": [float(m) for m in v.mean(axis=1)]})
-  return chosen, {"per_prompt": table, "chosen_hit_rate": hits_at}
+    row = {"class_range_ml": [lo, None if np.isinf(hi) else hi],
+           "hit_rate": [float(h) for h in hit], "mean_distance_ml": [float(d) for d in dist],
+           "mean_ml": [float(m) for m in v.mean(axis=1)]}
+    if means is not None:
+      row["mean_psnr_outside_wm_db"] = [_json_db(m) for m in means[:, p]]
+    table.append(row)
+  return chosen, {"per_prompt": table, "chosen_hit_rate": hits_at, "below_min_psnr": below}
+
+
+def _chosen_psnr(psnr: np.ndarray, scales: list[float], chosen: list[float],
+                 skip_first: bool = True) -> list:
+  """The mean PSNR outside the WM at each prompt's chosen scale (None: the factual prompt under
+  `skip_first`, or nothing changed)."""
+  means = mean_psnr(psnr)
+  return [None if (skip_first and p == 0) or w not in scales
+          else _json_db(means[scales.index(w), p]) for p, w in enumerate(chosen)]
+
+
+def _db_text(db: float | None) -> str:
+  return "" if db is None else f", {db:.1f} dB outside the WM"
+
+
+def _json_db(value: float) -> float | None:
+  """A dB value as JSON keeps it: None for inf (nothing changed)."""
+  return round(float(value), 3) if np.isfinite(value) else None
+
+
+def _reference_and_rule(config, workdir: str):
+  """The phantom reference and the dataset's rule on it; ConfigError without them."""
+  reference = phantom_reference.find_reference(Workdir(workdir).reference)
+  rule = sample_index.phantom_rule(reference, config)
+  if rule is None:
+    raise ConfigError(f"--mode=calibrate needs the phantom reference of the data grid "
+                      f"({Workdir(workdir).reference}, made by --mode=prepare on phantom data)")
+  return reference, rule
 
 
 def calibrate(config, workdir: str) -> dict:
@@ -113,11 +192,7 @@ def calibrate(config, workdir: str) -> dict:
   `WORKDIR/calibration.json`; returns its content."""
   prompts = list(config.sample.prompts)
   classes = prompt_classes(config.data.dataset, prompts)
-  reference = phantom_reference.find_reference(Workdir(workdir).reference)
-  rule = sample_index.phantom_rule(reference, config)
-  if rule is None:
-    raise ConfigError(f"--mode=calibrate needs the phantom reference of the data grid "
-                      f"({Workdir(workdir).reference}, made by --mode=prepare on phantom data)")
+  reference, rule = _reference_and_rule(config, workdir)
   gen = load_generator(config, workdir)
   emb, mask = gen.table.lookup(prompts)
   scales = [float(s) for s in config.sample.calibration_scales]
@@ -126,38 +201,132 @@ def calibrate(config, workdir: str) -> dict:
   bsz = config.sample.batch_size
   sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
                                 config.sample.guidance_rescale)
-  values = []
+  outside = ~reference.wm_mask
+  values, psnr = [], []
   for _, x in generate(gen, noise_ids, emb, mask, scales, noise_seed=config.seed,
                        key=jax.random.key(config.seed + SAMPLE_STREAM), batch_size=bsz,
                        negative=config.sample.guidance_negative, sampler_for=sampler_for,
                        desc="calibrating", edit_masks=edit_masks(config, reference,
                                                                  gen.latent_shape)):
     values.append([[rule.measure(x[k, p]) for p in range(len(prompts))] for k in range(len(x))])
+    psnr.append([[phantom_lib.masked_psnr(x[k, p], x[k, 0], outside, 2.0)
+                  for p in range(len(prompts))] for k in range(len(x))])
+  return _choose_and_write(config, workdir, gen.step, rule, classes, scales, values, psnr,
+                           factual_fixed=config.sample.guidance_negative == "factual")
+
+
+def _choose_and_write(config, workdir: str, step: int, rule, classes, scales, values, psnr, *,
+                      factual_fixed: bool, counted=None, scans: dict | None = None) -> dict:
+  """Chooses the scales from the measurements `[S, K, P]` (mL, dB), writes the calibration file
+  (`scans`: the given-scan one, with this record of the scans) and logs the choice."""
+  prompts = list(config.sample.prompts)
   values = np.round(np.asarray(values, np.float64), 3)   # [S, K, P] mL, as the file keeps them
-  chosen, table = choose_scales(values, scales, classes,
-                                factual_fixed=config.sample.guidance_negative == "factual")
-  result = {"format": CALIBRATION_FORMAT, "checkpoint_step": gen.step, "seed": config.seed,
-            "settings": settings(config), "rule": rule.description,
-            "num_noises": int(config.sample.calibration_noises), "scales": scales,
+  psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the reference; inf = same
+  min_psnr = float(config.sample.calibration_min_psnr)
+  chosen, table = choose_scales(values, scales, classes, factual_fixed=factual_fixed,
+                                psnr=psnr, min_psnr=min_psnr, counted=counted)
+  below = [prompts[p] for p in table.pop("below_min_psnr")]
+  if below:
+    logging.warning("calibration: no scale keeps the mean PSNR outside the WM at %g dB for %s; "
+                    "kept the scale that preserves best", min_psnr, below)
+  shown = psnr if counted is None else np.where(np.asarray(counted, bool)[None], psnr, np.inf)
+  result = {"format": CALIBRATION_FORMAT, "checkpoint_step": step, "seed": config.seed,
+            "settings": settings(config, scans is not None), "rule": rule.description,
+            "num_noises": int(values.shape[1]), "scales": scales,
             "chosen_scale": dict(zip(prompts, chosen)),
             "chosen_hit_rate": dict(zip(prompts, table.pop("chosen_hit_rate"))),
+            "chosen_psnr_outside_wm_db": dict(zip(prompts, _chosen_psnr(
+                shown, scales, chosen, skip_first=factual_fixed))),
+            "min_psnr_outside_wm_db": min_psnr, "below_min_psnr": below,
+            **({"scans": scans} if scans is not None else {}),
             "lesion_volume_ml": values.tolist(),   # [S, K, P]: the choice can be redone from it
+            "psnr_outside_wm_db": [[[_json_db(v) for v in row] for row in per_scale]
+                                   for per_scale in psnr],   # [S, K, P]; None = identical
             **table}
+  path = calibration_path(workdir, scans is not None)
   if jax.process_index() == 0:
-    write_text(calibration_path(workdir), json.dumps(result, indent=1))
-  logging.info("calibrated guidance on %d noises (chosen w, class-hit rate on them):\n%s",
-               result["num_noises"],
-               "\n".join(f"  {p}: w = {w:g} ({result['chosen_hit_rate'][p]:.0%})"
+    write_text(path, json.dumps(result, indent=1))
+  what = "given scans" if scans is not None else "noises"
+  logging.info("calibrated guidance on %d %s (chosen w, class-hit rate on them):\n%s",
+               result["num_noises"], what,
+               "\n".join(f"  {p}: w = {w:g} ({result['chosen_hit_rate'][p]:.0%}"
+                         + _db_text(result["chosen_psnr_outside_wm_db"][p]) + ")"
                          for p, w in result["chosen_scale"].items()))
-  logging.info("wrote %s", calibration_path(workdir))
+  logging.info("wrote %s", path)
   return result
 
 
-def load_calibration(config, workdir: str, step: int) -> dict:
-  """`WORKDIR/calibration.json` if it was made for checkpoint `step` under this config's sampling
-  settings; ConfigError naming the file and the mismatch otherwise."""
-  path = calibration_path(workdir)
-  fix = "run --mode=calibrate (or --mode=all) first, or set config.sample.calibrate=False"
+def validation_scans(config, workdir: str, limit: int, classes: list[int]
+                     ) -> tuple[np.ndarray, list[int], list[str]]:
+  """Up to `limit` phantoms of the validation split whose class is one of the prompts' `classes`,
+  taken round-robin over those classes (so each is represented): (volumes `[N, D, H, W, 1]` in
+  [-1, 1], their class labels, their subject ids)."""
+  from cf3d_jax.data import export, records
+  data_dir = Workdir(workdir).records
+  index = records.load_index(data_dir)
+  entries = export.split_entries(index, "val", config.seed, tuple(config.data.split))
+  by_class = {c: [e for e in entries if int(e["label"]) == c] for c in dict.fromkeys(classes)}
+  picked = []
+  while len(picked) < limit and any(by_class.values()):
+    for c in by_class:
+      if by_class[c] and len(picked) < limit:
+        picked.append(by_class[c].pop(0))
+  if len({int(e["label"]) for e in picked}) < 2:
+    raise ConfigError(f"{data_dir}: the validation split holds phantoms of "
+                      f"{len({int(e['label']) for e in picked})} of the prompts' classes; "
+                      "calibrating counterfactuals of given scans needs two or more")
+  recs = export.read_records(data_dir, index, picked)
+  volumes = np.stack([np.asarray(r["volume"], np.float32) for r in recs])
+  return volumes, [int(e["label"]) for e in picked], [str(e["subject_id"]) for e in picked]
+
+
+def calibrate_scans(config, workdir: str) -> dict:
+  """The given-scan calibration (`--mode=calibrate` with `config.sample.source` set): up to
+  `config.sample.calibration_noises` validation phantoms, each inverted under its own class's
+  prompt and decoded under every prompt at every scale with the settings of given-scan sampling
+  (inversion depth, edit mask, guidance); per prompt the scale that lands the most scans *of
+  other classes* in its class. Writes `WORKDIR/calibration_scans.json`; returns its content.
+  (The given scans themselves are not used: they are what the calibration is applied to.)"""
+  from cf3d_jax.invert import decode_scans, edit_masks as scan_masks, invert_scans
+  prompts = list(config.sample.prompts)
+  classes = prompt_classes(config.data.dataset, prompts)
+  reference, rule = _reference_and_rule(config, workdir)
+  inputs, labels, ids = validation_scans(config, workdir, int(config.sample.calibration_noises),
+                                         classes)
+  gen = load_generator(config, workdir)
+  emb, mask = gen.table.lookup(prompts)
+  factual = [classes.index(c) for c in labels]          # each scan's own class's prompt
+  f_emb, f_mask = emb[factual], mask[factual]
+  masks = scan_masks(config, reference, gen.latent_shape)
+  inverted = invert_scans(gen, config, inputs, f_emb, f_mask, masks)
+  n, num_p = len(inputs), len(prompts)
+  ks, ps = np.repeat(np.arange(n), num_p), np.tile(np.arange(num_p), n)
+  scales = [float(s) for s in config.sample.calibration_scales]
+  outside = ~reference.wm_mask
+  values, psnr = [], []
+  for w in scales:
+    logging.info("calibrating given scans at w = %g", w)
+    x = decode_scans(gen, config, w, inverted, inputs, ks, ps, emb, mask, f_emb, f_mask, masks)
+    x = np.asarray(x).reshape((n, num_p) + x.shape[1:])
+    values.append([[rule.measure(x[k, p, ..., 0]) for p in range(num_p)] for k in range(n)])
+    psnr.append([[phantom_lib.masked_psnr(x[k, p, ..., 0], inputs[k, ..., 0], outside, 2.0)
+                  for p in range(num_p)] for k in range(n)])
+  counted = np.asarray([[classes[p] != labels[k] for p in range(num_p)] for k in range(n)])
+  return _choose_and_write(config, workdir, gen.step, rule, classes, scales, values, psnr,
+                           factual_fixed=False, counted=counted,
+                           scans={"split": "val", "subject_ids": ids, "class": labels,
+                                  "input_lesion_volume_ml": [round(rule.measure(v[..., 0]), 3)
+                                                             for v in inputs]})
+
+
+def load_calibration(config, workdir: str, step: int, scans: bool = False) -> dict:
+  """`WORKDIR/calibration.json` (scans: `calibration_scans.json`) if it was made for checkpoint
+  `step` under this config's sampling settings; ConfigError naming the file and the mismatch
+  otherwise."""
+  path = calibration_path(workdir, scans)
+  fix = ("run --mode=calibrate with config.sample.source set first, or set "
+         "config.sample.calibrate=False" if scans else
+         "run --mode=calibrate (or --mode=all) first, or set config.sample.calibrate=False")
   try:
     with open(path, encoding="utf-8") as f:
       cal = json.load(f)
@@ -171,7 +340,11 @@ def load_calibration(config, workdir: str, step: int) -> dict:
   if cal.get("checkpoint_step") != step:
     raise ConfigError(f"{path}: made for checkpoint step {cal.get('checkpoint_step')}, sampling "
                       f"uses step {step}; {fix}")
-  want = settings(config)
+  floor = float(config.sample.calibration_min_psnr)
+  if cal.get("min_psnr_outside_wm_db", 0.0) != floor:
+    raise ConfigError(f"{path}: chosen under calibration_min_psnr="
+                      f"{cal.get('min_psnr_outside_wm_db', 0.0)!r}, the config sets {floor!r}; {fix}")
+  want = settings(config, scans)
   diff = [k for k in want if cal.get("settings", {}).get(k) != want[k]]
   if diff:
     raise ConfigError(f"{path}: made under other sampling settings ({', '.join(diff)}); {fix}")

@@ -207,6 +207,7 @@ RANGES: dict[str, Rule] = {
     "sample.calibrate": _BOOL,
     "sample.calibration_scales": _seq(_NONNEG, min_len=1),
     "sample.calibration_noises": _POS_INT,
+    "sample.calibration_min_psnr": _NONNEG,
     "sample.num_subjects": _POS_INT,
     "sample.batch_size": _POS_INT,
     "sample.use_ema": _BOOL,

@@ -159,13 +159,51 @@ def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, n
   return as_input(mask_z), as_input(mask)
 
 
+def invert_scans(gen, config, inputs: np.ndarray, f_emb: np.ndarray, f_mask: np.ndarray, masks
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Inverts `inputs` `[N, D, H, W, 1]` under their factual prompts' embeddings (conditional
+  model, `config.sample.inversion_depth` / `inversion_refine`): (z at the inversion depth
+  `[N, d, h, w, C]`, the inversion trajectory that blended editing follows, or None without
+  `masks`)."""
+  bsz = config.sample.batch_size
+  invert = make_inverter(gen.model, gen.objective, gen.space, config.sample.inversion_refine,
+                         float(config.sample.inversion_depth), trajectory=masks is not None,
+                         **mesh_kwargs(gen, bsz, "sample.batch_size"))
+  z_T = batched(lambda _, x, e, m: invert(gen.params, x, e, m), len(inputs), bsz, inputs, f_emb,
+                f_mask)
+  return z_T if masks is not None else (z_T, None)
+
+
+def decode_scans(gen, config, scale: float, inverted, inputs: np.ndarray, ks: np.ndarray,
+                 ps: np.ndarray, emb: np.ndarray, mask: np.ndarray, f_emb: np.ndarray,
+                 f_mask: np.ndarray, masks) -> np.ndarray:
+  """Item i = scan `ks[i]` decoded under prompt `ps[i]` at guidance scale `scale` from its
+  inversion (`invert_scans`), guided against `config.sample.guidance_negative` (the scan's
+  factual prompt for 'factual'): volumes `[len(ks), D, H, W, 1]`."""
+  z_T, known = inverted
+  bsz = config.sample.batch_size
+  run = make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
+                     deterministic=True, depth=float(config.sample.inversion_depth),
+                     edit_masks=masks, interval=tuple(config.sample.guidance_interval),
+                     rescale=float(config.sample.guidance_rescale),
+                     **mesh_kwargs(gen, bsz, "sample.batch_size"))
+  key = jax.random.key(config.seed + SAMPLE_STREAM)
+  neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
+                                    f_emb[ks], f_mask[ks], gen.null)
+  if masks is None:
+    return batched(lambda _, z, e, m, ne, nm: run(gen.params, z, e, m, key, ne, nm), len(ks),
+                   bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m)
+  return batched(lambda _, z, e, m, ne, nm, kn, xin: run(gen.params, z, e, m, key, kn, xin, ne,
+                                                         nm),
+                 len(ks), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, known[ks], inputs[ks])
+
+
 def sample_from_sources(config, workdir: str) -> dict:
-  """Real-subject counterfactuals of the scans `config.sample.source` names (module docstring)."""
+  """Real-subject counterfactuals of the scans `config.sample.source` names (module docstring).
+  With `config.sample.calibrate`, also the set `calibrated/`: each prompt at the scale
+  `--mode=calibrate` chose for given scans (`cf3d_jax.calibrate.calibrate_scans`)."""
   from tqdm import tqdm
-  if config.sample.calibrate:
-    logging.warning("config.sample.calibrate: calibration scores counterfactuals from noise; "
-                    "the given scans are decoded at config.sample.guidance_scales %s only",
-                    tuple(config.sample.guidance_scales))
+  from cf3d_jax import calibrate as calibrate_lib
   gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
@@ -174,47 +212,44 @@ def sample_from_sources(config, workdir: str) -> dict:
   sources = resolve_sources(config.sample.source, config.data.dataset)
   factual = _factual_prompts(config, sources, prompts)
   f_emb, f_mask = gen.table.lookup(factual)
+  # Checked before anything is decoded: a given-scan calibration of this checkpoint and settings.
+  calibration = (calibrate_lib.load_calibration(config, workdir, gen.step, scans=True)
+                 if config.sample.calibrate else None)
   inputs = np.stack([load_source(s["path"], config, gen.affine)
                      for s in tqdm(sources, desc="loading", unit="scan",
                                               disable=jax.process_index() > 0)])[..., None]
-  n, bsz = len(sources), config.sample.batch_size
+  n = len(sources)
   depth = float(config.sample.inversion_depth)
-  on_mesh = mesh_kwargs(gen, bsz, "sample.batch_size")
   masks = edit_masks(config, reference, gen.latent_shape)
-  invert = make_inverter(gen.model, gen.objective, gen.space, config.sample.inversion_refine,
-                         depth, trajectory=masks is not None, **on_mesh)
-  z_T = batched(lambda _, x, e, m: invert(gen.params, x, e, m), n, bsz, inputs, f_emb, f_mask)
-  z_T, known = z_T if masks is not None else (z_T, None)
+  inverted = invert_scans(gen, config, inputs, f_emb, f_mask, masks)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
   plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
-                       depth=depth, **on_mesh)
-  recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n, bsz, z_T, f_emb, f_mask)
+                       depth=depth, **mesh_kwargs(gen, config.sample.batch_size,
+                                                  "sample.batch_size"))
+  recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n,
+                  config.sample.batch_size, inverted[0], f_emb, f_mask)
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
   items = [(k, p) for k in range(n) for p in range(len(prompts))]
   ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
   out_dir = Workdir(workdir).samples_source
   names = sample_index.prompt_file_names(prompts)
   entries = []
+  runs = [(f"g{scale:g}", [float(scale)] * len(prompts), None)
+          for scale in config.sample.guidance_scales]
+  if calibration is not None:   # each prompt at the scale --mode=calibrate chose for given scans
+    runs.append((calibrate_lib.SET_NAME, [calibration["chosen_scale"][p] for p in prompts],
+                 calibrate_lib.SET_NAME))
   with sample_index.output_folder(out_dir) as tmp_dir:   # None on processes that do not write
-    for scale in config.sample.guidance_scales:
-      run = make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
-                         deterministic=True, depth=depth, edit_masks=masks,
-                         interval=tuple(config.sample.guidance_interval),
-                         rescale=float(config.sample.guidance_rescale), **on_mesh)
-      neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
-                                        f_emb[ks], f_mask[ks], gen.null)
-      if masks is None:
-        x = batched(lambda _, z, e, m, ne, nm: run(gen.params, z, e, m, key, ne, nm), len(items),
-                    bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m)
-      else:
-        x = batched(lambda _, z, e, m, ne, nm, kn, xin: run(gen.params, z, e, m, key, kn, xin, ne,
-                                                            nm),
-                    len(items), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, known[ks],
-                    inputs[ks])
+    for folder, prompt_scales, set_name in runs:
+      x = np.zeros((len(items),) + inputs.shape[1:], np.float32)
+      for w in sorted(set(prompt_scales)):   # one sampler per distinct scale
+        sel = np.flatnonzero(np.asarray(prompt_scales)[ps] == w)
+        x[sel] = decode_scans(gen, config, w, inverted, inputs, ks[sel], ps[sel], emb, mask,
+                              f_emb, f_mask, masks)
       scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
       for k, src in enumerate(sources):
-        sub = os.path.join(f"g{scale:g}", f"subject_{k:03d}")
+        sub = os.path.join(folder, f"subject_{k:03d}")
         write = tmp_dir is not None   # multi-host: every process samples, process 0 writes
         if write:
           nifti.save_volume(os.path.join(tmp_dir, sub, "input.nii.gz"), inputs[k, ..., 0],
@@ -226,8 +261,10 @@ def sample_from_sources(config, workdir: str) -> dict:
           if write:
             nifti.save_volume(os.path.join(tmp_dir, rel), x[i, ..., 0], gen.affine)
           entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
-                   "prompt": prompt, "guidance_scale": float(scale), "nifti": rel,
+                   "prompt": prompt, "guidance_scale": prompt_scales[ps[i]], "nifti": rel,
                    "psnr_vs_input_db": float(scores[i])}
+          if set_name:
+            entry["set"] = set_name
           sample_index.ground_truth_stats(entry, x[i, ..., 0], rule, inputs[k, ..., 0])
           entries.append(entry)
           vols.append(x[i, ..., 0])
@@ -247,6 +284,9 @@ def sample_from_sources(config, workdir: str) -> dict:
                            "reconstruction_psnr_db": float(recon_psnr[k])}
                           for k, s in enumerate(sources)],
               "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
+    if calibration is not None:
+      result["calibration"] = {"file": os.path.basename(calibrate_lib.calibration_path(
+          workdir, scans=True)), "num_scans": calibration["num_noises"]}
     if rule is not None:
       for src, vol in zip(result["sources"], inputs[..., 0]):
         src[f"input_{rule.stat}"] = rule.measure(vol)

@@ -1,7 +1,8 @@
 """What each `--mode` runs; importable without the CLI's absl flags (tests, notebooks).
 
 `all` runs the whole job for the config's space: prepare → train → [calibrate, with
-`config.sample.calibrate`] → sample for the wavelet space;
+`config.sample.calibrate`; for given scans with `config.sample.source`] → sample for the wavelet
+space;
 for the latent space prepare → train_autoencoder (only when `config.space.autoencoder` is empty
 and `WORKDIR/autoencoder/vae` does not exist yet) → prepare_latents → train → sample.
 """
@@ -79,10 +80,9 @@ def _run_modes(config, workdir: str, mode: str, on_error: str) -> None:
   if mode in ("train", "all"):
     from cf3d_jax.train import train_and_evaluate
     train_and_evaluate(config, workdir)
-  if mode == "calibrate" or (mode == "all" and config.sample.calibrate
-                             and not config.sample.source):
-    from cf3d_jax.calibrate import calibrate
-    calibrate(config, workdir)
+  if mode == "calibrate" or (mode == "all" and config.sample.calibrate):
+    from cf3d_jax.calibrate import calibrate, calibrate_scans
+    (calibrate_scans if config.sample.source else calibrate)(config, workdir)
   if mode in ("sample", "all"):
     from cf3d_jax.sample import sample_counterfactuals
     sample_counterfactuals(config, workdir)

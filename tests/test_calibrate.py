@@ -45,6 +45,31 @@ def test_choose_scales_maximises_the_class_hit_rate_per_prompt():
     cal.choose_scales(values, scales[:2], [0, 1, 2])
 
 
+def test_a_psnr_floor_keeps_only_the_scales_that_preserve_the_subject():
+  scales = [2.0, 4.0, 8.0]
+  values = np.zeros((3, 2, 3))
+  values[:, :, 1] = [[5, 6], [12, 8], [15, 20]]       # moderate: hits 0, 1/2, 2/2
+  values[:, :, 2] = [[10, 12], [20, 30], [40, 50]]    # high: hits 0, 1/2, 2/2
+  psnr = np.full((3, 2, 3), np.inf)                   # the factual: identical to itself
+  psnr[:, :, 1] = [[36, 34], [31, 30], [28, 27]]      # means 35, 30.5, 27.5
+  psnr[:, :, 2] = [[29, 28], [27, np.inf], [25, 24]]  # means 28.5, 27 (inf: unchanged), 24.5
+  assert cal.mean_psnr(psnr)[:, 2].tolist() == [28.5, 27.0, 24.5]
+  assert np.isinf(cal.mean_psnr(psnr)[:, 0]).all()
+  free, _ = cal.choose_scales(values, scales, [0, 1, 2], factual_fixed=True, psnr=psnr)
+  assert free == [1.0, 8.0, 8.0]                       # no floor: the most hits
+  chosen, table = cal.choose_scales(values, scales, [0, 1, 2], factual_fixed=True, psnr=psnr,
+                                    min_psnr=30.0)
+  # moderate: w = 8 falls below 30 dB, w = 4 is the best that preserves; high: no scale reaches
+  # 30 dB, so the best-preserving one (w = 2) is kept and reported.
+  assert chosen == [1.0, 4.0, 2.0]
+  assert table["chosen_hit_rate"] == [1.0, 0.5, 0.0]
+  assert table["below_min_psnr"] == [2]
+  assert table["per_prompt"][1]["mean_psnr_outside_wm_db"] == [35.0, 30.5, 27.5]
+  assert table["per_prompt"][0]["mean_psnr_outside_wm_db"] == [None, None, None]
+  with pytest.raises(ValueError, match="expected the values' shape"):
+    cal.choose_scales(values, scales, [0, 1, 2], psnr=psnr[:2])
+
+
 def test_prompt_classes_need_ms_ranges(smoke_config):
   prompts = list(smoke_config.sample.prompts)
   assert cal.prompt_classes("ms", prompts) == [0, 1, 2]
@@ -80,6 +105,11 @@ def test_sampling_refuses_a_calibration_of_another_model_or_setting(smoke_config
   with pytest.raises(ConfigError, match=r"other sampling settings \(guidance_negative, "
                                         r"guidance_interval\)"):
     cal.load_calibration(smoke_config, str(tmp_path), 4)
+  smoke_config.sample.calibration_min_psnr = 30.0
+  with pytest.raises(ConfigError, match="chosen under calibration_min_psnr=0.0, the config sets 30.0"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+  _write(tmp_path, smoke_config, 4, min_psnr_outside_wm_db=30.0)
+  assert cal.load_calibration(smoke_config, str(tmp_path), 4)["num_noises"] == 2
   _write(tmp_path, smoke_config, 4, format="other/1")
   with pytest.raises(ConfigError, match="format 'other/1'"):
     cal.load_calibration(smoke_config, str(tmp_path), 4)

@@ -45,6 +45,9 @@ def test_demo_all_mode_end_to_end(tmp_path):
   from cf3d_jax.calibrate import choose_scales
   chosen, _ = choose_scales(calib["lesion_volume_ml"], [1.0, 3.0], [0, 1, 2])
   assert [calib["chosen_scale"][p] for p in prompts] == chosen
+  psnr = np.array(calib["psnr_outside_wm_db"], dtype=float)   # None (identical) → nan
+  assert psnr.shape == (2, 1, 3) and np.isnan(psnr[:, :, 0]).all()   # the factual vs itself
+  assert calib["min_psnr_outside_wm_db"] == 0.0 and calib["below_min_psnr"] == []
   assert index["prompt_effect"]["calibrated"]["guidance_scale"] == calib["chosen_scale"]
   effect = index["prompt_effect"]["g3"]
   assert effect["stat"] == "lesion_volume_ml" and set(effect["mean"]) == set(prompts)
@@ -80,21 +83,37 @@ def test_demo_all_mode_end_to_end(tmp_path):
       "calibrated", "g1", "g3", "index.json"]
   assert not [n for n in os.listdir(workdir) if n.startswith(".tmp-")]
   # Real-subject counterfactuals: invert two scans (comma-separated), decode under every prompt.
+  # With sample.calibrate, --mode=all (prepare and training already done) first calibrates on
+  # validation phantoms (calibration_scans.json), then adds the calibrated set.
   scans = [os.path.join(workdir, "samples", index["items"][i]["nifti"]) for i in (0, 2)]
-  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=sample",
+  proc = run_cli(["--config=configs/demo.py:smoke", f"--workdir={workdir}", "--mode=all",
                   "--config.sample.source=" + ",".join(scans),
-                  "--config.sample.guidance_scales=(3.0,)",
-                  "--config.sample.guidance_negative=factual"])
+                  "--config.sample.guidance_scales=(1.0,3.0)",
+                  "--config.sample.guidance_negative=factual", *calibrated[:2],
+                  "--config.sample.calibration_noises=2"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   real = json.load(open(os.path.join(workdir, "samples_source", "index.json")))
   assert [s["path"] for s in real["sources"]] == scans
   assert all(s["factual_prompt"] == prompts[0] for s in real["sources"])
   assert all(np.isfinite(s["reconstruction_psnr_db"]) for s in real["sources"])
-  assert len(real["items"]) == 2 * 3
+  scan_cal = json.load(open(os.path.join(workdir, "calibration_scans.json")))
+  assert scan_cal["scans"]["split"] == "val" and len(set(scan_cal["scans"]["class"])) == 2
+  counted = [[c != p for p in range(3)] for c in scan_cal["scans"]["class"]]
+  chosen, _ = choose_scales(scan_cal["lesion_volume_ml"], [1.0, 3.0], [0, 1, 2], counted=counted)
+  assert [scan_cal["chosen_scale"][p] for p in prompts] == chosen
+  assert scan_cal["settings"]["inversion_depth"] == 1.0
+  assert real["calibration"] == {"file": "calibration_scans.json", "num_scans": 2}
+  assert real["prompt_effect"]["calibrated"]["guidance_scale"] == scan_cal["chosen_scale"]
+  assert len(real["items"]) == 2 * 3 * 3           # scales 1 and 3, and the calibrated set
+  for item in (i for i in real["items"] if i.get("set") == "calibrated"):
+    same = item["nifti"].replace("calibrated/", f"g{item['guidance_scale']:g}/")
+    np.testing.assert_allclose(
+        np.asarray(nib.load(os.path.join(workdir, "samples_source", item["nifti"])).dataobj),
+        np.asarray(nib.load(os.path.join(workdir, "samples_source", same)).dataobj), atol=1e-5)
   for item in real["items"]:
     assert os.path.exists(os.path.join(workdir, "samples_source", item["nifti"]))
     assert np.isfinite(item["psnr_vs_input_db"])
-  assert os.path.exists(os.path.join(workdir, "samples_source", "g3", "subject_001",
+  assert os.path.exists(os.path.join(workdir, "samples_source", "calibrated", "subject_001",
                                      "input.nii.gz"))
   assert os.path.exists(os.path.join(workdir, "samples_source", "g3", "subject_001.png"))
   assert index["guidance"]["negative"] == "null" and real["guidance"]["negative"] == "factual"
