@@ -106,49 +106,39 @@ def mean_psnr(psnr: np.ndarray) -> np.ndarray:
   return np.where(count > 0, total / np.maximum(count, 1), np.inf)
 
 
-def choose_scales(values: np.ndarray, scales, classes, factual_fixed: bool = False,
-                  psnr: np.ndarray | None = None, min_psnr: float = 0.0,
-                  counted: np.ndarray | None = None) -> tuple[list[float], dict]:
+def choose_scales(values: np.ndarray, scales, classes, factual: int | None = None,
+                  psnr: np.ndarray | None = None, min_psnr: float = 0.0
+                  ) -> tuple[list[float], dict]:
   """values `[S scales, K noises, P prompts]` (mL) → (chosen w per prompt, table: per prompt
   the hit rates, distances and means per scale; the hit rate at each chosen w).
 
   Per prompt: the scale with the highest class-hit rate over the K noises; ties broken by the
-  smaller mean distance to the class range (mL), then by the smaller w. factual_fixed: prompt 0
-  is guided against itself (contrastive guidance), the same volume at every w: it gets w = 1.
-  psnr `[S, K, P]` (dB outside the WM against the factual, inf where identical) with
+  smaller mean distance to the class range (mL), then by the smaller w. factual: the index of
+  the prompt guided against itself (contrastive guidance: the same volume at every w), which
+  gets w = 1. psnr `[S, K, P]` (dB outside the WM against the factual, inf where identical) with
   min_psnr > 0: only scales whose mean PSNR reaches min_psnr compete; where none does, the
-  scale with the highest mean PSNR is kept (its prompt is listed under 'below_min_psnr').
-  counted `[K, P]` bool: which (noise or scan, prompt) pairs the rates and means count (given
-  scans: only those whose factual class differs from the prompt's); None = all."""
+  scale with the highest mean PSNR is kept (its prompt is listed under 'below_min_psnr')."""
   values = np.asarray(values, np.float64)
   scales = [float(s) for s in scales]
   if values.shape[0] != len(scales) or values.shape[2] != len(classes):
     raise ValueError(f"values {values.shape}: expected [{len(scales)}, K, {len(classes)}]")
   if psnr is not None and np.shape(psnr) != values.shape:
     raise ValueError(f"psnr {np.shape(psnr)}: expected the values' shape {values.shape}")
-  if counted is None:
-    counted = np.ones(values.shape[1:], bool)
-  counted = np.asarray(counted, bool)
-  if counted.shape != values.shape[1:] or not counted.any(axis=0).all():
-    raise ValueError(f"counted {counted.shape}: expected {values.shape[1:]} with at least one "
-                     "counted item per prompt")
-  if psnr is not None:
-    psnr = np.where(counted[None], np.asarray(psnr, np.float64), np.inf)
   means = mean_psnr(psnr) if psnr is not None else None
   chosen, table, hits_at, below = [], [], [], []
   for p, c in enumerate(classes):
     lo, hi = phantom_lib.class_range_ml(c)
-    v = values[:, counted[:, p], p]
+    v = values[:, :, p]
     hit = np.mean((v >= lo) & (v < hi), axis=1)
     dist = np.mean(np.maximum(lo - v, 0) + np.maximum(v - hi, 0), axis=1)
     candidates = list(range(len(scales)))
-    if min_psnr > 0 and means is not None and not (factual_fixed and p == 0):
+    if min_psnr > 0 and means is not None and p != factual:
       candidates = [i for i in candidates if means[i, p] >= min_psnr]
       if not candidates:   # no scale preserves enough: the one that preserves best
         below.append(p)
         candidates = [max(range(len(scales)), key=lambda i: (means[i, p], -scales[i]))]
     best = min(candidates, key=lambda i: (-hit[i], dist[i], scales[i]))
-    chosen.append(1.0 if factual_fixed and p == 0 else scales[best])
+    chosen.append(1.0 if p == factual else scales[best])
     hits_at.append(float(hit[best]))
     row = {"class_range_ml": [lo, None if np.isinf(hi) else hi],
            "hit_rate": [float(h) for h in hit], "mean_distance_ml": [float(d) for d in dist],
@@ -159,17 +149,20 @@ def choose_scales(values: np.ndarray, scales, classes, factual_fixed: bool = Fal
   return chosen, {"per_prompt": table, "chosen_hit_rate": hits_at, "below_min_psnr": below}
 
 
-def _chosen_psnr(psnr: np.ndarray, scales: list[float], chosen: list[float],
-                 skip_first: bool = True) -> list:
-  """The mean PSNR outside the WM at each prompt's chosen scale (None: the factual prompt under
-  `skip_first`, or nothing changed)."""
+def _choice(values: np.ndarray, psnr: np.ndarray, scales: list[float], classes, prompts,
+            factual: int | None, min_psnr: float) -> dict:
+  """`choose_scales` keyed by prompt: chosen_scale, chosen_hit_rate, chosen_psnr_outside_wm_db
+  (None for the factual or where nothing changed), per_prompt, below_min_psnr (prompts)."""
+  chosen, table = choose_scales(values, scales, classes, factual=factual, psnr=psnr,
+                                min_psnr=min_psnr)
   means = mean_psnr(psnr)
-  return [None if (skip_first and p == 0) or w not in scales
-          else _json_db(means[scales.index(w), p]) for p, w in enumerate(chosen)]
-
-
-def _db_text(db: float | None) -> str:
-  return "" if db is None else f", {db:.1f} dB outside the WM"
+  at = [None if p == factual or w not in scales else _json_db(means[scales.index(w), p])
+        for p, w in enumerate(chosen)]
+  return {"chosen_scale": dict(zip(prompts, chosen)),
+          "chosen_hit_rate": dict(zip(prompts, table["chosen_hit_rate"])),
+          "chosen_psnr_outside_wm_db": dict(zip(prompts, at)),
+          "below_min_psnr": [prompts[p] for p in table["below_min_psnr"]],
+          "per_prompt": table["per_prompt"]}
 
 
 def _json_db(value: float) -> float | None:
@@ -211,47 +204,44 @@ def calibrate(config, workdir: str) -> dict:
     values.append([[rule.measure(x[k, p]) for p in range(len(prompts))] for k in range(len(x))])
     psnr.append([[phantom_lib.masked_psnr(x[k, p], x[k, 0], outside, 2.0)
                   for p in range(len(prompts))] for k in range(len(x))])
-  return _choose_and_write(config, workdir, gen.step, rule, classes, scales, values, psnr,
-                           factual_fixed=config.sample.guidance_negative == "factual")
-
-
-def _choose_and_write(config, workdir: str, step: int, rule, classes, scales, values, psnr, *,
-                      factual_fixed: bool, counted=None, scans: dict | None = None) -> dict:
-  """Chooses the scales from the measurements `[S, K, P]` (mL, dB), writes the calibration file
-  (`scans`: the given-scan one, with this record of the scans) and logs the choice."""
-  prompts = list(config.sample.prompts)
   values = np.round(np.asarray(values, np.float64), 3)   # [S, K, P] mL, as the file keeps them
-  psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the reference; inf = same
+  psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the factual; inf = same
+  choice = _choice(values, psnr, scales, classes, prompts,
+                   0 if config.sample.guidance_negative == "factual" else None,
+                   float(config.sample.calibration_min_psnr))
+  lines = [_choice_line(p, choice, p) for p in prompts]
+  return _write(config, workdir, gen.step, rule, scales, values, psnr, choice, lines)
+
+
+def _choice_line(label: str, choice: dict, prompt: str) -> str:
+  db = choice["chosen_psnr_outside_wm_db"][prompt]
+  return (f"  {label}: w = {choice['chosen_scale'][prompt]:g} "
+          f"({choice['chosen_hit_rate'][prompt]:.0%}"
+          + ("" if db is None else f", {db:.1f} dB outside the WM") + ")")
+
+
+def _write(config, workdir: str, step: int, rule, scales, values, psnr, choice: dict,
+           lines: list[str], scans: dict | None = None) -> dict:
+  """Writes the calibration file (`scans`: the given-scan one, with this record of the scans)
+  holding `choice` and every measurement `[S, K, P]`; logs `lines` (the choice)."""
   min_psnr = float(config.sample.calibration_min_psnr)
-  chosen, table = choose_scales(values, scales, classes, factual_fixed=factual_fixed,
-                                psnr=psnr, min_psnr=min_psnr, counted=counted)
-  below = [prompts[p] for p in table.pop("below_min_psnr")]
-  if below:
+  if choice["below_min_psnr"]:
     logging.warning("calibration: no scale keeps the mean PSNR outside the WM at %g dB for %s; "
-                    "kept the scale that preserves best", min_psnr, below)
-  shown = psnr if counted is None else np.where(np.asarray(counted, bool)[None], psnr, np.inf)
+                    "kept the scale that preserves best", min_psnr, choice["below_min_psnr"])
   result = {"format": CALIBRATION_FORMAT, "checkpoint_step": step, "seed": config.seed,
             "settings": settings(config, scans is not None), "rule": rule.description,
             "num_noises": int(values.shape[1]), "scales": scales,
-            "chosen_scale": dict(zip(prompts, chosen)),
-            "chosen_hit_rate": dict(zip(prompts, table.pop("chosen_hit_rate"))),
-            "chosen_psnr_outside_wm_db": dict(zip(prompts, _chosen_psnr(
-                shown, scales, chosen, skip_first=factual_fixed))),
-            "min_psnr_outside_wm_db": min_psnr, "below_min_psnr": below,
-            **({"scans": scans} if scans is not None else {}),
+            "min_psnr_outside_wm_db": min_psnr,
+            **({"scans": scans} if scans is not None else {}), **choice,
             "lesion_volume_ml": values.tolist(),   # [S, K, P]: the choice can be redone from it
             "psnr_outside_wm_db": [[[_json_db(v) for v in row] for row in per_scale]
-                                   for per_scale in psnr],   # [S, K, P]; None = identical
-            **table}
+                                   for per_scale in psnr]}   # [S, K, P]; None = identical
   path = calibration_path(workdir, scans is not None)
   if jax.process_index() == 0:
     write_text(path, json.dumps(result, indent=1))
-  what = "given scans" if scans is not None else "noises"
   logging.info("calibrated guidance on %d %s (chosen w, class-hit rate on them):\n%s",
-               result["num_noises"], what,
-               "\n".join(f"  {p}: w = {w:g} ({result['chosen_hit_rate'][p]:.0%}"
-                         + _db_text(result["chosen_psnr_outside_wm_db"][p]) + ")"
-                         for p, w in result["chosen_scale"].items()))
+               result["num_noises"], "given scans" if scans is not None else "noises",
+               "\n".join(lines))
   logging.info("wrote %s", path)
   return result
 
@@ -284,8 +274,9 @@ def calibrate_scans(config, workdir: str) -> dict:
   """The given-scan calibration (`--mode=calibrate` with `config.sample.source` set): up to
   `config.sample.calibration_noises` validation phantoms, each inverted under its own class's
   prompt and decoded under every prompt at every scale with the settings of given-scan sampling
-  (inversion depth, edit mask, guidance); per prompt the scale that lands the most scans *of
-  other classes* in its class. Writes `WORKDIR/calibration_scans.json`; returns its content.
+  (inversion depth, edit mask, guidance); per factual class and prompt, the scale that lands the
+  most of that class's scans in the prompt's class (`chosen_scale[factual][prompt]`; the factual
+  prompt itself: w = 1). Writes `WORKDIR/calibration_scans.json`; returns its content.
   (The given scans themselves are not used: they are what the calibration is applied to.)"""
   from cf3d_jax.invert import decode_scans, edit_masks as scan_masks, invert_scans
   prompts = list(config.sample.prompts)
@@ -311,12 +302,25 @@ def calibrate_scans(config, workdir: str) -> dict:
     values.append([[rule.measure(x[k, p, ..., 0]) for p in range(num_p)] for k in range(n)])
     psnr.append([[phantom_lib.masked_psnr(x[k, p, ..., 0], inputs[k, ..., 0], outside, 2.0)
                   for p in range(num_p)] for k in range(n)])
-  counted = np.asarray([[classes[p] != labels[k] for p in range(num_p)] for k in range(n)])
-  return _choose_and_write(config, workdir, gen.step, rule, classes, scales, values, psnr,
-                           factual_fixed=False, counted=counted,
-                           scans={"split": "val", "subject_ids": ids, "class": labels,
-                                  "input_lesion_volume_ml": [round(rule.measure(v[..., 0]), 3)
-                                                             for v in inputs]})
+  values = np.round(np.asarray(values, np.float64), 3)
+  psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the input; inf = same
+  # Per factual class: the scans of that class, each prompt's w chosen on them alone (the
+  # guidance direction, prompt − factual, differs with the factual prompt).
+  per, lines = {}, []
+  for f in sorted(set(factual)):
+    idx = [k for k in range(n) if factual[k] == f]
+    c = _choice(values[:, idx], psnr[:, idx], scales, classes, prompts, f,
+                float(config.sample.calibration_min_psnr))
+    per[prompts[f]] = dict(c, scans=idx)
+    lines += [_choice_line(f"{prompts[f]} → {p}", c, p) for p in prompts if p != prompts[f]]
+  choice = {key: {fp: c[key] for fp, c in per.items()}
+            for key in ("chosen_scale", "chosen_hit_rate", "chosen_psnr_outside_wm_db")}
+  choice["below_min_psnr"] = [f"{fp} → {p}" for fp, c in per.items() for p in c["below_min_psnr"]]
+  choice["per_factual"] = {fp: {"scans": c["scans"], "per_prompt": c["per_prompt"]}
+                           for fp, c in per.items()}
+  scans = {"split": "val", "subject_ids": ids, "class": labels,
+           "input_lesion_volume_ml": [round(rule.measure(v[..., 0]), 3) for v in inputs]}
+  return _write(config, workdir, gen.step, rule, scales, values, psnr, choice, lines, scans)
 
 
 def load_calibration(config, workdir: str, step: int, scans: bool = False) -> dict:
@@ -349,6 +353,18 @@ def load_calibration(config, workdir: str, step: int, scans: bool = False) -> di
   if diff:
     raise ConfigError(f"{path}: made under other sampling settings ({', '.join(diff)}); {fix}")
   return cal
+
+
+def scan_scale(calibration: dict, factual: str, prompt: str, workdir: str) -> float:
+  """The w a given-scan calibration chose for scans whose factual prompt is `factual`, decoded
+  under `prompt`; ConfigError where the validation split had no scan of that class."""
+  chosen = calibration["chosen_scale"]
+  if factual not in chosen:
+    raise ConfigError(f"{calibration_path(workdir, scans=True)}: no calibration for scans whose "
+                      f"factual prompt is {factual!r} (the validation phantoms it was made on "
+                      f"are of the classes of {sorted(chosen)}); raise "
+                      "config.sample.calibration_noises or set config.sample.calibrate=False")
+  return float(chosen[factual][prompt])
 
 
 def decode_calibrated(gen, chosen, emb: np.ndarray, mask: np.ndarray, *, num_subjects: int,

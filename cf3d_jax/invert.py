@@ -213,8 +213,12 @@ def sample_from_sources(config, workdir: str) -> dict:
   factual = _factual_prompts(config, sources, prompts)
   f_emb, f_mask = gen.table.lookup(factual)
   # Checked before anything is decoded: a given-scan calibration of this checkpoint and settings.
-  calibration = (calibrate_lib.load_calibration(config, workdir, gen.step, scans=True)
-                 if config.sample.calibrate else None)
+  items = [(k, p) for k in range(len(sources)) for p in range(len(prompts))]
+  calibrated = None   # item (scan k, prompt p): the w chosen for k's factual prompt → p
+  if config.sample.calibrate:
+    calibration = calibrate_lib.load_calibration(config, workdir, gen.step, scans=True)
+    calibrated = np.asarray([calibrate_lib.scan_scale(calibration, factual[k], prompts[p],
+                                                      workdir) for k, p in items])
   inputs = np.stack([load_source(s["path"], config, gen.affine)
                      for s in tqdm(sources, desc="loading", unit="scan",
                                               disable=jax.process_index() > 0)])[..., None]
@@ -230,21 +234,20 @@ def sample_from_sources(config, workdir: str) -> dict:
   recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n,
                   config.sample.batch_size, inverted[0], f_emb, f_mask)
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
-  items = [(k, p) for k in range(n) for p in range(len(prompts))]
   ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
   out_dir = Workdir(workdir).samples_source
   names = sample_index.prompt_file_names(prompts)
   entries = []
-  runs = [(f"g{scale:g}", [float(scale)] * len(prompts), None)
+  # (folder, scale per item, set name): the plain scales, then the calibrated set.
+  runs = [(f"g{scale:g}", np.full(len(items), float(scale)), None)
           for scale in config.sample.guidance_scales]
-  if calibration is not None:   # each prompt at the scale --mode=calibrate chose for given scans
-    runs.append((calibrate_lib.SET_NAME, [calibration["chosen_scale"][p] for p in prompts],
-                 calibrate_lib.SET_NAME))
+  if calibrated is not None:
+    runs.append((calibrate_lib.SET_NAME, calibrated, calibrate_lib.SET_NAME))
   with sample_index.output_folder(out_dir) as tmp_dir:   # None on processes that do not write
-    for folder, prompt_scales, set_name in runs:
+    for folder, item_scales, set_name in runs:
       x = np.zeros((len(items),) + inputs.shape[1:], np.float32)
-      for w in sorted(set(prompt_scales)):   # one sampler per distinct scale
-        sel = np.flatnonzero(np.asarray(prompt_scales)[ps] == w)
+      for w in sorted(set(item_scales.tolist())):   # one sampler per distinct scale
+        sel = np.flatnonzero(item_scales == w)
         x[sel] = decode_scans(gen, config, w, inverted, inputs, ks[sel], ps[sel], emb, mask,
                               f_emb, f_mask, masks)
       scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
@@ -261,7 +264,7 @@ def sample_from_sources(config, workdir: str) -> dict:
           if write:
             nifti.save_volume(os.path.join(tmp_dir, rel), x[i, ..., 0], gen.affine)
           entry = {"subject": k, "source": src["path"], "factual_prompt": factual[k],
-                   "prompt": prompt, "guidance_scale": prompt_scales[ps[i]], "nifti": rel,
+                   "prompt": prompt, "guidance_scale": float(item_scales[i]), "nifti": rel,
                    "psnr_vs_input_db": float(scores[i])}
           if set_name:
             entry["set"] = set_name
@@ -284,7 +287,7 @@ def sample_from_sources(config, workdir: str) -> dict:
                            "reconstruction_psnr_db": float(recon_psnr[k])}
                           for k, s in enumerate(sources)],
               "mean_reconstruction_psnr_db": float(np.mean(recon_psnr)), "items": entries}
-    if calibration is not None:
+    if calibrated is not None:
       result["calibration"] = {"file": os.path.basename(calibrate_lib.calibration_path(
           workdir, scans=True)), "num_scans": calibration["num_noises"]}
     if rule is not None:

@@ -68,7 +68,11 @@ def summarise(result: dict, entries: list[dict], prompts: list[str], scales, rul
     values = np.asarray([[row[p] for p in prompts] for _, row in sorted(rows.items())])
     eff = phantom_lib.prompt_effect(values, prompts, rule.dataset)
     if any(e.get("set") for e in members):   # a named set: each prompt at its own scale
-      eff["guidance_scale"] = {e["prompt"]: e["guidance_scale"] for e in members}
+      scales_of = {}
+      for e in members:
+        scales_of.setdefault(e["prompt"], set()).add(e["guidance_scale"])
+      eff["guidance_scale"] = {p: (min(ws) if len(ws) == 1 else sorted(ws))
+                               for p, ws in scales_of.items()}   # several: per factual class
     psnrs = [e["psnr_outside_wm_db"] for e in members if "psnr_outside_wm_db" in e]
     if psnrs:   # None where nothing changed outside the WM (blended edits): counted apart
       finite = [v for v in psnrs if v is not None]

@@ -32,7 +32,9 @@ def test_choose_scales_maximises_the_class_hit_rate_per_prompt():
   assert table["per_prompt"][2]["class_range_ml"] == [25.0, None]
   assert table["chosen_hit_rate"] == [1.0, 1.0, 1.0]
   # Contrastive guidance: the factual prompt is the conditional model at every w.
-  assert cal.choose_scales(values, scales, [0, 1, 2], factual_fixed=True)[0] == [1.0, 6.0, 10.0]
+  assert cal.choose_scales(values, scales, [0, 1, 2], factual=0)[0] == [1.0, 6.0, 10.0]
+  # A given scan of class 2 ("high"), guided against its own prompt: that prompt gets w = 1.
+  assert cal.choose_scales(values, scales, [0, 1, 2], factual=2)[0] == [1.0, 6.0, 1.0]
   values[:, :, 0] = [[20] * 4, [2] * 4, [2] * 4, [2] * 4]
   assert cal.choose_scales(values, scales, [0, 1, 2])[0][0] == 3.0
   # Equal hit rates: the smaller distance to the range wins, then the smaller w.
@@ -55,9 +57,9 @@ def test_a_psnr_floor_keeps_only_the_scales_that_preserve_the_subject():
   psnr[:, :, 2] = [[29, 28], [27, np.inf], [25, 24]]  # means 28.5, 27 (inf: unchanged), 24.5
   assert cal.mean_psnr(psnr)[:, 2].tolist() == [28.5, 27.0, 24.5]
   assert np.isinf(cal.mean_psnr(psnr)[:, 0]).all()
-  free, _ = cal.choose_scales(values, scales, [0, 1, 2], factual_fixed=True, psnr=psnr)
+  free, _ = cal.choose_scales(values, scales, [0, 1, 2], factual=0, psnr=psnr)
   assert free == [1.0, 8.0, 8.0]                       # no floor: the most hits
-  chosen, table = cal.choose_scales(values, scales, [0, 1, 2], factual_fixed=True, psnr=psnr,
+  chosen, table = cal.choose_scales(values, scales, [0, 1, 2], factual=0, psnr=psnr,
                                     min_psnr=30.0)
   # moderate: w = 8 falls below 30 dB, w = 4 is the best that preserves; high: no scale reaches
   # 30 dB, so the best-preserving one (w = 2) is kept and reported.
@@ -143,3 +145,8 @@ def test_a_named_set_is_summarised_with_each_prompt_scale():
   table = phantom.format_table(effects, prompts)
   assert "calibrated" in table and "w = 9" in table
   assert [sample_index.set_label(k) for k in effects] == ["3", "calibrated"]
+  # Given scans of two factual classes: a prompt decoded at two scales lists both.
+  entries[-1]["guidance_scale"] = 4.0
+  effects = sample_index.summarise({}, entries, prompts, [3.0], Rule())
+  assert effects["calibrated"]["guidance_scale"] == {prompts[0]: 1.0, prompts[1]: [4.0, 9.0]}
+  assert "w = 4/9" in phantom.format_table(effects, prompts)

@@ -98,12 +98,15 @@ def test_demo_all_mode_end_to_end(tmp_path):
   assert all(np.isfinite(s["reconstruction_psnr_db"]) for s in real["sources"])
   scan_cal = json.load(open(os.path.join(workdir, "calibration_scans.json")))
   assert scan_cal["scans"]["split"] == "val" and len(set(scan_cal["scans"]["class"])) == 2
-  counted = [[c != p for p in range(3)] for c in scan_cal["scans"]["class"]]
-  chosen, _ = choose_scales(scan_cal["lesion_volume_ml"], [1.0, 3.0], [0, 1, 2], counted=counted)
-  assert [scan_cal["chosen_scale"][p] for p in prompts] == chosen
+  # Per factual class, each prompt's w chosen on that class's validation scans alone.
+  values = np.asarray(scan_cal["lesion_volume_ml"])
+  for k, c in enumerate(scan_cal["scans"]["class"]):
+    chosen, _ = choose_scales(values[:, [k]], [1.0, 3.0], [0, 1, 2], factual=c)
+    assert [scan_cal["chosen_scale"][prompts[c]][p] for p in prompts] == chosen
   assert scan_cal["settings"]["inversion_depth"] == 1.0
   assert real["calibration"] == {"file": "calibration_scans.json", "num_scans": 2}
-  assert real["prompt_effect"]["calibrated"]["guidance_scale"] == scan_cal["chosen_scale"]
+  # The given scans' factual prompt is "minimal": its row of the choice applies.
+  assert real["prompt_effect"]["calibrated"]["guidance_scale"] == scan_cal["chosen_scale"][prompts[0]]
   assert len(real["items"]) == 2 * 3 * 3           # scales 1 and 3, and the calibrated set
   for item in (i for i in real["items"] if i.get("set") == "calibrated"):
     same = item["nifti"].replace("calibrated/", f"g{item['guidance_scale']:g}/")

@@ -148,5 +148,11 @@ def format_table(effects: dict[str, dict], prompts: Sequence[str]) -> str:
                  + (f"   {ordered:4.0%}" if ordered is not None else "      -"))
     if eff.get("guidance_scale"):
       lines.append(f"{'':>{width}}  " + "  ".join(
-          f"{'w = ' + format(eff['guidance_scale'][p], 'g'):>22}" for p in prompts))
+          f"{'w = ' + _scales_text(eff['guidance_scale'][p]):>22}" for p in prompts))
   return "\n".join(lines)
+
+
+def _scales_text(w) -> str:
+  """One scale ('6') or, where a set decodes a prompt at several (given scans of several
+  factual classes), all of them ('4/10')."""
+  return "/".join(format(v, "g") for v in w) if isinstance(w, (list, tuple)) else format(w, "g")
