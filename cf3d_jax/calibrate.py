@@ -107,7 +107,7 @@ def mean_psnr(psnr: np.ndarray) -> np.ndarray:
 
 
 def choose_scales(values: np.ndarray, scales, classes, factual: int | None = None,
-                  psnr: np.ndarray | None = None, min_psnr: float = 0.0
+                  psnr: np.ndarray | None = None, min_psnr: float = 0.0, margin: float = 0.0
                   ) -> tuple[list[float], dict]:
   """values `[S scales, K noises, P prompts]` (mL) → (chosen w per prompt, table: per prompt
   the hit rates, distances and means per scale; the hit rate at each chosen w).
@@ -117,7 +117,10 @@ def choose_scales(values: np.ndarray, scales, classes, factual: int | None = Non
   the prompt guided against itself (contrastive guidance: the same volume at every w), which
   gets w = 1. psnr `[S, K, P]` (dB outside the WM against the factual, inf where identical) with
   min_psnr > 0: only scales whose mean PSNR reaches min_psnr compete; where none does, the
-  scale with the highest mean PSNR is kept (its prompt is listed under 'below_min_psnr')."""
+  scale with the highest mean PSNR is kept (its prompt is listed under 'below_min_psnr').
+  margin: a volume counts as a hit only inside the range shrunk by this fraction at each finite
+  bound ([lo (1 + margin), hi / (1 + margin)]), so that a scale whose volumes just touch the range
+  on the few calibration items is not preferred to one that lands them well inside."""
   values = np.asarray(values, np.float64)
   scales = [float(s) for s in scales]
   if values.shape[0] != len(scales) or values.shape[2] != len(classes):
@@ -129,7 +132,7 @@ def choose_scales(values: np.ndarray, scales, classes, factual: int | None = Non
   for p, c in enumerate(classes):
     lo, hi = phantom_lib.class_range_ml(c)
     v = values[:, :, p]
-    hit = np.mean((v >= lo) & (v < hi), axis=1)
+    hit = np.mean((v >= lo * (1 + margin)) & (v < hi / (1 + margin)), axis=1)
     dist = np.mean(np.maximum(lo - v, 0) + np.maximum(v - hi, 0), axis=1)
     candidates = list(range(len(scales)))
     if min_psnr > 0 and means is not None and p != factual:
@@ -150,11 +153,12 @@ def choose_scales(values: np.ndarray, scales, classes, factual: int | None = Non
 
 
 def _choice(values: np.ndarray, psnr: np.ndarray, scales: list[float], classes, prompts,
-            factual: int | None, min_psnr: float) -> dict:
+            factual: int | None, config) -> dict:
   """`choose_scales` keyed by prompt: chosen_scale, chosen_hit_rate, chosen_psnr_outside_wm_db
   (None for the factual or where nothing changed), per_prompt, below_min_psnr (prompts)."""
   chosen, table = choose_scales(values, scales, classes, factual=factual, psnr=psnr,
-                                min_psnr=min_psnr)
+                                min_psnr=float(config.sample.calibration_min_psnr),
+                                margin=float(config.sample.calibration_margin))
   means = mean_psnr(psnr)
   at = [None if p == factual or w not in scales else _json_db(means[scales.index(w), p])
         for p, w in enumerate(chosen)]
@@ -207,8 +211,7 @@ def calibrate(config, workdir: str) -> dict:
   values = np.round(np.asarray(values, np.float64), 3)   # [S, K, P] mL, as the file keeps them
   psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the factual; inf = same
   choice = _choice(values, psnr, scales, classes, prompts,
-                   0 if config.sample.guidance_negative == "factual" else None,
-                   float(config.sample.calibration_min_psnr))
+                   0 if config.sample.guidance_negative == "factual" else None, config)
   lines = [_choice_line(p, choice, p) for p in prompts]
   return _write(config, workdir, gen.step, rule, scales, values, psnr, choice, lines)
 
@@ -231,7 +234,7 @@ def _write(config, workdir: str, step: int, rule, scales, values, psnr, choice: 
   result = {"format": CALIBRATION_FORMAT, "checkpoint_step": step, "seed": config.seed,
             "settings": settings(config, scans is not None), "rule": rule.description,
             "num_noises": int(values.shape[1]), "scales": scales,
-            "min_psnr_outside_wm_db": min_psnr,
+            "min_psnr_outside_wm_db": min_psnr, "margin": float(config.sample.calibration_margin),
             **({"scans": scans} if scans is not None else {}), **choice,
             "lesion_volume_ml": values.tolist(),   # [S, K, P]: the choice can be redone from it
             "psnr_outside_wm_db": [[[_json_db(v) for v in row] for row in per_scale]
@@ -309,8 +312,7 @@ def calibrate_scans(config, workdir: str) -> dict:
   per, lines = {}, []
   for f in sorted(set(factual)):
     idx = [k for k in range(n) if factual[k] == f]
-    c = _choice(values[:, idx], psnr[:, idx], scales, classes, prompts, f,
-                float(config.sample.calibration_min_psnr))
+    c = _choice(values[:, idx], psnr[:, idx], scales, classes, prompts, f, config)
     per[prompts[f]] = dict(c, scans=idx)
     lines += [_choice_line(f"{prompts[f]} → {p}", c, p) for p in prompts if p != prompts[f]]
   choice = {key: {fp: c[key] for fp, c in per.items()}
@@ -344,10 +346,12 @@ def load_calibration(config, workdir: str, step: int, scans: bool = False) -> di
   if cal.get("checkpoint_step") != step:
     raise ConfigError(f"{path}: made for checkpoint step {cal.get('checkpoint_step')}, sampling "
                       f"uses step {step}; {fix}")
-  floor = float(config.sample.calibration_min_psnr)
-  if cal.get("min_psnr_outside_wm_db", 0.0) != floor:
-    raise ConfigError(f"{path}: chosen under calibration_min_psnr="
-                      f"{cal.get('min_psnr_outside_wm_db', 0.0)!r}, the config sets {floor!r}; {fix}")
+  for key, stored in (("calibration_min_psnr", "min_psnr_outside_wm_db"),
+                      ("calibration_margin", "margin")):
+    want = float(config.sample[key])
+    if cal.get(stored, 0.0) != want:
+      raise ConfigError(f"{path}: chosen under {key}={cal.get(stored, 0.0)!r}, the config sets "
+                        f"{want!r}; {fix}")
   want = settings(config, scans)
   diff = [k for k in want if cal.get("settings", {}).get(k) != want[k]]
   if diff:

@@ -173,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.calibrate = False                  # --mode=sample adds the set 'calibrated' (each prompt at the w --mode=calibrate chose for this model); --mode=all calibrates first
   c.sample.calibration_scales = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)  # the w grid: per prompt, the w with the most volumes in the prompted class
   c.sample.calibration_noises = 8             # noises the scales are chosen on (never the sample or eval noises); with sample.source, validation phantoms (each inverted, decoded under the other prompts)
+  c.sample.calibration_margin = 0.0           # a calibration volume counts as in class only inside the range shrunk by this fraction at each finite bound (0.1: minimal < 9.1, moderate 11–22.7, high ≥ 27.5 mL)
   c.sample.calibration_min_psnr = 0.0         # dB: only scales whose mean PSNR factual vs counterfactual outside the template WM reaches this are chosen (0 = any; none reaches it: the highest-PSNR scale)
   c.sample.num_subjects = 8                   # K fixed noises
   c.sample.batch_size = 8                     # volumes per sampler call

@@ -208,6 +208,7 @@ RANGES: dict[str, Rule] = {
     "sample.calibration_scales": _seq(_NONNEG, min_len=1),
     "sample.calibration_noises": _POS_INT,
     "sample.calibration_min_psnr": _NONNEG,
+    "sample.calibration_margin": _num(0, 1, hi_open=True),
     "sample.num_subjects": _POS_INT,
     "sample.batch_size": _POS_INT,
     "sample.use_ema": _BOOL,

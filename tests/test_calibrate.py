@@ -43,6 +43,10 @@ def test_choose_scales_maximises_the_class_hit_rate_per_prompt():
   tie[1, :, 0] = [5.0, 26.0]     # hit 1/2, 1 mL over
   assert cal.choose_scales(tie, [2.0, 8.0], [0])[0] == [8.0]
   assert cal.choose_scales(tie[[1, 1]], [2.0, 8.0], [0])[0] == [2.0]
+  # A margin: 26 mL just passes "high" (> 25) but not its shrunk range (≥ 27.5 at 10 %).
+  edge = np.asarray([[[26.0], [30.0]], [[30.0], [40.0]]])   # [S=2, K=2, P=1]
+  assert cal.choose_scales(edge, [5.0, 6.0], [2])[0] == [5.0]
+  assert cal.choose_scales(edge, [5.0, 6.0], [2], margin=0.1)[0] == [6.0]
   with pytest.raises(ValueError, match="expected"):
     cal.choose_scales(values, scales[:2], [0, 1, 2])
 
@@ -107,6 +111,10 @@ def test_sampling_refuses_a_calibration_of_another_model_or_setting(smoke_config
   with pytest.raises(ConfigError, match=r"other sampling settings \(guidance_negative, "
                                         r"guidance_interval\)"):
     cal.load_calibration(smoke_config, str(tmp_path), 4)
+  smoke_config.sample.calibration_margin = 0.1
+  with pytest.raises(ConfigError, match="chosen under calibration_margin=0.0, the config sets 0.1"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+  smoke_config.sample.calibration_margin = 0.0
   smoke_config.sample.calibration_min_psnr = 30.0
   with pytest.raises(ConfigError, match="chosen under calibration_min_psnr=0.0, the config sets 30.0"):
     cal.load_calibration(smoke_config, str(tmp_path), 4)
