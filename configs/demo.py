@@ -111,11 +111,11 @@ def get_config(arg: str | None = None):
     config.sample.calibration_scales = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)
     if "adni" not in variants:
       # Training times drawn toward low noise (56 % of the steps at t < 0.3 T, where this model
-      # draws lesions) and 7,200 steps (~37 min on 2 idle cores): the effect per unit of w grows
-      # and three seeds respond alike: at w = 3, 90 % of the volumes in their prompted class
-      # (83–96 % per seed), 30.5 dB outside the WM, every noise ordered (docs/results.md,
-      # "7,200 steps"). The AD showcase keeps the recipe it was measured with (uniform times,
-      # 4,500 steps).
+      # draws lesions) and 7,200 steps (~37 min on 2 idle cores, scaled from 4,500 steps in
+      # 23 min): the effect per unit of w grows and three seeds respond alike: at w = 3, 90 % of
+      # the volumes in their prompted class (83–96 % per seed), 30.5 dB outside the WM, every
+      # noise ordered (docs/results.md, "7,200 steps"). The AD showcase keeps the recipe it was
+      # measured with (uniform times, 4,500 steps).
       config.objective.time_sampling = "logit-normal"
       config.objective.logit_normal = (-1.0, 1.0)
       config.train.num_steps = 7200

@@ -158,3 +158,20 @@ def test_a_named_set_is_summarised_with_each_prompt_scale():
   effects = sample_index.summarise({}, entries, prompts, [3.0], Rule())
   assert effects["calibrated"]["guidance_scale"] == {prompts[0]: 1.0, prompts[1]: [4.0, 9.0]}
   assert "w = 4/9" in phantom.format_table(effects, prompts)
+
+
+def test_given_scan_calibration_needs_validation_phantoms_of_two_classes(smoke_config, tmp_path,
+                                                                        monkeypatch):
+  from cf3d_jax.data import export, records
+  entries = [{"subject_id": f"s{i}", "label": 1, "shard": "a", "position": i} for i in range(3)]
+  monkeypatch.setattr(records, "load_index", lambda path: {"records": entries})
+  monkeypatch.setattr(export, "split_entries", lambda index, split, seed, fractions: entries)
+  with pytest.raises(ConfigError, match="holds phantoms of 1 of the prompts' classes"):
+    cal.validation_scans(smoke_config, str(tmp_path), 8, [0, 1, 2])
+  # Round-robin over the classes, so a limit of 3 takes one of each before a second of any.
+  mixed = [dict(e, label=c, subject_id=f"{c}{i}") for i, e in enumerate(entries) for c in (0, 2)]
+  monkeypatch.setattr(export, "split_entries", lambda index, split, seed, fractions: mixed)
+  monkeypatch.setattr(export, "read_records", lambda d, index, picked: [
+      {"volume": np.zeros((2, 2, 2, 1), np.float32)} for _ in picked])
+  volumes, labels, ids = cal.validation_scans(smoke_config, str(tmp_path), 3, [0, 1, 2])
+  assert labels == [0, 2, 0] and ids == ["00", "20", "01"] and volumes.shape == (3, 2, 2, 2, 1)
