@@ -281,7 +281,7 @@ def calibrate_scans(config, workdir: str) -> dict:
   most of that class's scans in the prompt's class (`chosen_scale[factual][prompt]`; the factual
   prompt itself: w = 1). Writes `WORKDIR/calibration_scans.json`; returns its content.
   (The given scans themselves are not used: they are what the calibration is applied to.)"""
-  from cf3d_jax.invert import decode_scans, edit_masks as scan_masks, invert_scans
+  from cf3d_jax.invert import decode_scans, edit_masks as scan_masks, invert_scans, scan_samplers
   prompts = list(config.sample.prompts)
   classes = prompt_classes(config.data.dataset, prompts)
   reference, rule = _reference_and_rule(config, workdir)
@@ -293,6 +293,7 @@ def calibrate_scans(config, workdir: str) -> dict:
   f_emb, f_mask = emb[factual], mask[factual]
   masks = scan_masks(config, reference, gen.latent_shape)
   inverted = invert_scans(gen, config, inputs, f_emb, f_mask, masks)
+  sampler_for = scan_samplers(gen, config, masks)
   n, num_p = len(inputs), len(prompts)
   ks, ps = np.repeat(np.arange(n), num_p), np.tile(np.arange(num_p), n)
   scales = [float(s) for s in config.sample.calibration_scales]
@@ -300,7 +301,8 @@ def calibrate_scans(config, workdir: str) -> dict:
   values, psnr = [], []
   for w in scales:
     logging.info("calibrating given scans at w = %g", w)
-    x = decode_scans(gen, config, w, inverted, inputs, ks, ps, emb, mask, f_emb, f_mask, masks)
+    x = decode_scans(gen, config, sampler_for, w, inverted, inputs, ks, ps, emb, mask, f_emb,
+                     f_mask, masks)
     x = np.asarray(x).reshape((n, num_p) + x.shape[1:])
     values.append([[rule.measure(x[k, p, ..., 0]) for p in range(num_p)] for k in range(n)])
     psnr.append([[phantom_lib.masked_psnr(x[k, p, ..., 0], inputs[k, ..., 0], outside, 2.0)

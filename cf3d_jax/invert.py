@@ -20,7 +20,7 @@ import csv
 import glob
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -174,19 +174,35 @@ def invert_scans(gen, config, inputs: np.ndarray, f_emb: np.ndarray, f_mask: np.
   return z_T if masks is not None else (z_T, None)
 
 
-def decode_scans(gen, config, scale: float, inverted, inputs: np.ndarray, ks: np.ndarray,
-                 ps: np.ndarray, emb: np.ndarray, mask: np.ndarray, f_emb: np.ndarray,
-                 f_mask: np.ndarray, masks) -> np.ndarray:
+def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
+  """scale → the deterministic sampler that decodes given scans from their inversions (depth,
+  edit masks, guidance interval and rescale of `config.sample`), made once per scale: the
+  calibrated set reuses the plain scales' compiles."""
+  made: dict[float, Callable] = {}
+  on_mesh = mesh_kwargs(gen, config.sample.batch_size, "sample.batch_size")
+
+  def sampler_for(scale: float) -> Callable:
+    if float(scale) not in made:
+      made[float(scale)] = make_sampler(
+          gen.model, gen.objective, gen.space, float(scale), *gen.null, deterministic=True,
+          depth=float(config.sample.inversion_depth), edit_masks=masks,
+          interval=tuple(config.sample.guidance_interval),
+          rescale=float(config.sample.guidance_rescale), **on_mesh)
+    return made[float(scale)]
+
+  return sampler_for
+
+
+def decode_scans(gen, config, sampler_for, scale: float, inverted, inputs: np.ndarray,
+                 ks: np.ndarray, ps: np.ndarray, emb: np.ndarray, mask: np.ndarray,
+                 f_emb: np.ndarray, f_mask: np.ndarray, masks) -> np.ndarray:
   """Item i = scan `ks[i]` decoded under prompt `ps[i]` at guidance scale `scale` from its
-  inversion (`invert_scans`), guided against `config.sample.guidance_negative` (the scan's
-  factual prompt for 'factual'): volumes `[len(ks), D, H, W, 1]`."""
+  inversion (`invert_scans`) with `sampler_for(scale)` (`scan_samplers`), guided against
+  `config.sample.guidance_negative` (the scan's factual prompt for 'factual'): volumes
+  `[len(ks), D, H, W, 1]`."""
   z_T, known = inverted
   bsz = config.sample.batch_size
-  run = make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
-                     deterministic=True, depth=float(config.sample.inversion_depth),
-                     edit_masks=masks, interval=tuple(config.sample.guidance_interval),
-                     rescale=float(config.sample.guidance_rescale),
-                     **mesh_kwargs(gen, bsz, "sample.batch_size"))
+  run = sampler_for(scale)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
                                     f_emb[ks], f_mask[ks], gen.null)
@@ -226,6 +242,7 @@ def sample_from_sources(config, workdir: str) -> dict:
   depth = float(config.sample.inversion_depth)
   masks = edit_masks(config, reference, gen.latent_shape)
   inverted = invert_scans(gen, config, inputs, f_emb, f_mask, masks)
+  sampler_for = scan_samplers(gen, config, masks)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
   plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
@@ -248,8 +265,8 @@ def sample_from_sources(config, workdir: str) -> dict:
       x = np.zeros((len(items),) + inputs.shape[1:], np.float32)
       for w in sorted(set(item_scales.tolist())):   # one sampler per distinct scale
         sel = np.flatnonzero(item_scales == w)
-        x[sel] = decode_scans(gen, config, w, inverted, inputs, ks[sel], ps[sel], emb, mask,
-                              f_emb, f_mask, masks)
+        x[sel] = decode_scans(gen, config, sampler_for, w, inverted, inputs, ks[sel], ps[sel],
+                              emb, mask, f_emb, f_mask, masks)
       scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
       for k, src in enumerate(sources):
         sub = os.path.join(folder, f"subject_{k:03d}")
