@@ -174,6 +174,17 @@ def _json_db(value: float) -> float | None:
   return round(float(value), 3) if np.isfinite(value) else None
 
 
+def _measure(rule, x: np.ndarray, references: np.ndarray, outside: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Volumes `[K, P, D, H, W]` and the volume each should preserve `[K, D, H, W]` → (the rule's
+  measurement `[K, P]`, PSNR to the reference outside the WM `[K, P]`, inf where identical),
+  rounded to 0.001 as the calibration file keeps them."""
+  values = [[rule.measure(v) for v in row] for row in x]
+  psnr = [[phantom_lib.masked_psnr(v, ref, outside, 2.0) for v in row]
+          for row, ref in zip(x, references)]
+  return np.round(np.asarray(values, np.float64), 3), np.round(np.asarray(psnr, np.float64), 3)
+
+
 def _reference_and_rule(config, workdir: str):
   """The phantom reference and the dataset's rule on it; ConfigError without them."""
   reference = phantom_reference.find_reference(Workdir(workdir).reference)
@@ -199,17 +210,13 @@ def calibrate(config, workdir: str) -> dict:
   sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
                                 config.sample.guidance_rescale)
   outside = ~reference.wm_mask
-  values, psnr = [], []
-  for _, x in generate(gen, noise_ids, emb, mask, scales, noise_seed=config.seed,
-                       key=jax.random.key(config.seed + SAMPLE_STREAM), batch_size=bsz,
-                       negative=config.sample.guidance_negative, sampler_for=sampler_for,
-                       desc="calibrating", edit_masks=edit_masks(config, reference,
-                                                                 gen.latent_shape)):
-    values.append([[rule.measure(x[k, p]) for p in range(len(prompts))] for k in range(len(x))])
-    psnr.append([[phantom_lib.masked_psnr(x[k, p], x[k, 0], outside, 2.0)
-                  for p in range(len(prompts))] for k in range(len(x))])
-  values = np.round(np.asarray(values, np.float64), 3)   # [S, K, P] mL, as the file keeps them
-  psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the factual; inf = same
+  per_scale = [_measure(rule, x[..., 0], x[:, 0, ..., 0], outside)   # against the factual
+               for _, x in generate(gen, noise_ids, emb, mask, scales, noise_seed=config.seed,
+                                    key=jax.random.key(config.seed + SAMPLE_STREAM),
+                                    batch_size=bsz, negative=config.sample.guidance_negative,
+                                    sampler_for=sampler_for, desc="calibrating",
+                                    edit_masks=edit_masks(config, reference, gen.latent_shape))]
+  values, psnr = (np.stack(a) for a in zip(*per_scale))   # [S, K, P] mL, dB
   choice = _choice(values, psnr, scales, classes, prompts,
                    0 if config.sample.guidance_negative == "factual" else None, config)
   lines = [_choice_line(p, choice, p) for p in prompts]
@@ -298,17 +305,14 @@ def calibrate_scans(config, workdir: str) -> dict:
   ks, ps = np.repeat(np.arange(n), num_p), np.tile(np.arange(num_p), n)
   scales = [float(s) for s in config.sample.calibration_scales]
   outside = ~reference.wm_mask
-  values, psnr = [], []
+  per_scale = []
   for w in scales:
     logging.info("calibrating given scans at w = %g", w)
     x = decode_scans(gen, config, sampler_for, w, inverted, inputs, ks, ps, emb, mask, f_emb,
                      f_mask, masks)
-    x = np.asarray(x).reshape((n, num_p) + x.shape[1:])
-    values.append([[rule.measure(x[k, p, ..., 0]) for p in range(num_p)] for k in range(n)])
-    psnr.append([[phantom_lib.masked_psnr(x[k, p, ..., 0], inputs[k, ..., 0], outside, 2.0)
-                  for p in range(num_p)] for k in range(n)])
-  values = np.round(np.asarray(values, np.float64), 3)
-  psnr = np.round(np.asarray(psnr, np.float64), 3)       # [S, K, P] dB vs the input; inf = same
+    per_scale.append(_measure(rule, np.asarray(x).reshape((n, num_p) + x.shape[1:])[..., 0],
+                              inputs[..., 0], outside))   # against the input scan
+  values, psnr = (np.stack(a) for a in zip(*per_scale))   # [S, K, P] mL, dB
   # Per factual class: the scans of that class, each prompt's w chosen on them alone (the
   # guidance direction, prompt − factual, differs with the factual prompt).
   per, lines = {}, []
