@@ -220,13 +220,14 @@ def sample_from_sources(config, workdir: str) -> dict:
   `--mode=calibrate` chose for given scans (`cf3d_jax.calibrate.calibrate_scans`)."""
   from tqdm import tqdm
   from cf3d_jax import calibrate as calibrate_lib
-  gen = load_generator(config, workdir)
   prompts = list(config.sample.prompts)
+  # The sources first: a missing scan or a bad CSV row is reported before the checkpoint loads.
+  sources = resolve_sources(config.sample.source, config.data.dataset)
+  factual = _factual_prompts(config, sources, prompts)
+  gen = load_generator(config, workdir)
   emb, mask = gen.table.lookup(prompts)                  # PromptError for unknown prompts
   reference = phantom_reference.find_reference(Workdir(workdir).reference)
   rule = sample_index.phantom_rule(reference, config)
-  sources = resolve_sources(config.sample.source, config.data.dataset)
-  factual = _factual_prompts(config, sources, prompts)
   f_emb, f_mask = gen.table.lookup(factual)
   # Checked before anything is decoded: a given-scan calibration of this checkpoint and settings.
   items = [(k, p) for k in range(len(sources)) for p in range(len(prompts))]

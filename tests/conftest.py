@@ -39,6 +39,31 @@ def _fast_compiles() -> None:
 _fast_compiles()
 
 
+# The files that take longest (seconds of one xdist worker on 2 idle cores, 2026-12-07), run
+# first: README's `pytest -n 2 --dist loadfile` hands each worker whole files in collection
+# order, so a long file collected last would run alone at the end while the other worker idles.
+# Longest first lets the two workers finish together (an order only: every test still runs).
+SLOW_FILES = ("test_main.py", "test_benchmark.py", "test_train.py", "test_multihost.py",
+              "test_parallel.py", "test_reliability.py", "test_latent.py", "test_notebook.py",
+              "test_curve.py", "models/test_unet.py", "test_autoencoder_train.py",
+              "models/test_densenet3d.py", "test_evaluate.py", "test_seeds.py")
+
+
+def _slow_rank(item) -> int:
+  """Position of `item`'s file in SLOW_FILES (files not listed: after all of them)."""
+  path = item.nodeid.split("::", 1)[0]
+  for rank, name in enumerate(SLOW_FILES):
+    if path == "tests/" + name or path == name:
+      return rank
+  return len(SLOW_FILES)
+
+
+def pytest_collection_modifyitems(items):
+  """Longest files first (SLOW_FILES); the rest, and the tests inside each file, keep their
+  collection order (a stable sort)."""
+  items.sort(key=_slow_rank)
+
+
 def load_config(name: str = "demo.py", arg: str | None = "smoke"):
   """Loads configs/NAME with get_config(arg), as config_flags would (unlocked for tests)."""
   from cf3d_jax.config_base import load_config_file

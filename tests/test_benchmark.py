@@ -22,14 +22,17 @@ def test_benchmark_writes_table_and_json(tmp_path):
   out = tmp_path / "bench.json"
   proc = subprocess.run(
       [sys.executable, "-m", "cf3d_jax.benchmark", "--config=configs/demo.py:smoke",
-       "--what=train,conv,wavelets", "--repeats=1", f"--output={out}"],
+       "--what=train,conv,wavelets", "--repeats=1", "--conv_impls=xla,planes",
+       f"--output={out}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "[train]" in proc.stdout and "[conv]" in proc.stdout and "[wavelets]" in proc.stdout
   result = json.loads(out.read_text())
   assert {"device", "platform", "cpu", "jax", "rows"} <= set(result)
   train = [r for r in result["rows"] if r["bench"] == "train"]
-  assert {r["conv_impl"] for r in train} == set(layers.CONV_IMPLS)
+  # --conv_impls picks the formulations timed (im2col, the slowest to compile, is left out here;
+  # test_conv_rows_follow_the_space times all three).
+  assert [r["conv_impl"] for r in train] == ["xla", "planes"]
   assert all(r["ms_per_step"] > 0 and r["voxels_per_s"] > 0 for r in train)
   for row in train:     # the WDM smoke config's train rows (the latent one runs in-process)
     check_train_row(row, load_config("demo.py"), peak=None)

@@ -37,7 +37,7 @@ def _launch(workdir: str, *flags: str, mode: str = "train") -> None:
   assert proc.returncode == 0, proc.stderr[-3000:] + logs
   for i in range(2):
     log = open(os.path.join(workdir, f"log.proc{i}.txt")).read()
-    if mode == "train":
+    if mode in ("train", "all"):
       assert f"process {i} of 2" in log, log[-2000:]   # train.py logs its place in the job
 
 
@@ -74,18 +74,19 @@ def test_two_processes_train_checkpoint_restore_and_match_one_process(prepared_d
   _launch(two)
   assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == ["2", "4"]
   straight = _restore(two, STEPS, config)
-  # Kill after step 2: both hosts restore step 2 (state and their data iterators) and go on.
+  # Kill after step 2: both hosts restore step 2 (state and their data iterators) and go on to
+  # step 4, then sample (one launch of --mode=all, so one start-up for both): both processes
+  # restore the checkpoint sharded onto the 2-device mesh, each holds half of every sampler
+  # batch, process 0 writes.
   shutil.rmtree(os.path.join(two, "checkpoints", str(STEPS)))
-  _launch(two)
+  _launch(two, "--config.sample.guidance_scales=(1.0,)", mode="all")
   resumed = _restore(two, STEPS, config)
   # The same job in this one process, on one device.
   from cf3d_jax import train
   single = jax.device_get(train.train_and_evaluate(config, one))
   _assert_close(straight, single, "two processes vs one")
   _assert_close(resumed, single, "two processes resumed vs one")
-  # Sampling: both processes restore the checkpoint sharded onto the 2-device mesh, each holds
-  # half of every sampler batch, process 0 writes; the volumes equal a one-process run's.
-  _launch(two, "--config.sample.guidance_scales=(1.0,)", mode="sample")
+  # The two processes' samples equal a one-process run's.
   from cf3d_jax.sample import sample_counterfactuals
   config.sample.guidance_scales = (1.0,)
   one_index = sample_counterfactuals(config, one)
