@@ -309,7 +309,7 @@ def calibrate_scans(config, workdir: str) -> dict:
   for w in scales:
     logging.info("calibrating given scans at w = %g", w)
     x = decode_scans(gen, config, sampler_for, w, inverted, inputs, ks, ps, emb, mask, f_emb,
-                     f_mask, masks)
+                     f_mask)
     per_scale.append(_measure(rule, np.asarray(x).reshape((n, num_p) + x.shape[1:])[..., 0],
                               inputs[..., 0], outside))   # against the input scan
   values, psnr = (np.stack(a) for a in zip(*per_scale))   # [S, K, P] mL, dB

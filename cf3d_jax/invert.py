@@ -195,18 +195,18 @@ def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
 
 def decode_scans(gen, config, sampler_for, scale: float, inverted, inputs: np.ndarray,
                  ks: np.ndarray, ps: np.ndarray, emb: np.ndarray, mask: np.ndarray,
-                 f_emb: np.ndarray, f_mask: np.ndarray, masks) -> np.ndarray:
+                 f_emb: np.ndarray, f_mask: np.ndarray) -> np.ndarray:
   """Item i = scan `ks[i]` decoded under prompt `ps[i]` at guidance scale `scale` from its
-  inversion (`invert_scans`) with `sampler_for(scale)` (`scan_samplers`), guided against
-  `config.sample.guidance_negative` (the scan's factual prompt for 'factual'): volumes
-  `[len(ks), D, H, W, 1]`."""
+  inversion (`invert_scans`: with a trajectory when the samplers blend in edit masks) with
+  `sampler_for(scale)` (`scan_samplers`), guided against `config.sample.guidance_negative`
+  (the scan's factual prompt for 'factual'): volumes `[len(ks), D, H, W, 1]`."""
   z_T, known = inverted
   bsz = config.sample.batch_size
   run = sampler_for(scale)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
                                     f_emb[ks], f_mask[ks], gen.null)
-  if masks is None:
+  if known is None:
     return batched(lambda _, z, e, m, ne, nm: run(gen.params, z, e, m, key, ne, nm), len(ks),
                    bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m)
   return batched(lambda _, z, e, m, ne, nm, kn, xin: run(gen.params, z, e, m, key, kn, xin, ne,
@@ -267,7 +267,7 @@ def sample_from_sources(config, workdir: str) -> dict:
       for w in sorted(set(item_scales.tolist())):   # one sampler per distinct scale
         sel = np.flatnonzero(item_scales == w)
         x[sel] = decode_scans(gen, config, sampler_for, w, inverted, inputs, ks[sel], ps[sel],
-                              emb, mask, f_emb, f_mask, masks)
+                              emb, mask, f_emb, f_mask)
       scores = np.asarray(psnr(jnp.asarray(x), jnp.asarray(inputs[ks]), 2.0))
       for k, src in enumerate(sources):
         sub = os.path.join(folder, f"subject_{k:03d}")

@@ -260,8 +260,11 @@ def train_and_evaluate(config, workdir: str) -> State:
   records_dir = wd.train_records(config.space.name)
   index = records.load_index(records_dir)
   table = load_table(wd.table)
-  logging.info("process %d of %d; mesh %s over %d devices; rules %s", jax.process_index(),
-               jax.process_count(), dict(mesh.shape), mesh.devices.size, rules)
+  if jax.process_count() == 1 and mesh.devices.size == 1:   # nothing to partition: one line
+    logging.info("one process on one %s device", mesh.devices.flat[0].platform)
+  else:
+    logging.info("process %d of %d; mesh %s over %d devices; rules %s", jax.process_index(),
+                 jax.process_count(), dict(mesh.shape), mesh.devices.size, rules)
   dataset, per_host = _make_dataset(records_dir, index, table, config, mesh, rules)
   data_iter = iter(dataset)
   # ---- model, objective, optimizer ---------------------------------------------------------

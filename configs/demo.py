@@ -5,7 +5,7 @@ Variants (comma-separated): 'smoke' (used by the tests) shrinks it further
 (--config=configs/demo.py:smoke); 'adni' switches to AD T1 phantoms with CN/MCI/AD prompts
 (--config=configs/demo.py:adni); 'long' trains ~2.7× longer (2,400 steps, ~16 min on 2 idle cores), the
 larger CPU run of docs/results.md; 'showcase' trains 7,200 steps with training times drawn
-toward low noise (~37 min on 2 idle cores; the AD showcase 4,500 steps with uniform times),
+toward low noise (30 min end to end on 2 idle cores; the AD showcase 4,500 steps with uniform times),
 calibrates each prompt's guidance scale on held-out noises (--mode=calibrate) and samples with
 contrastive guidance at low noise: at w = 3, 90 % of the volumes in their prompted class and
 30.5 dB outside the white matter over three seeds; 88 % at the calibrated scales.
@@ -111,8 +111,8 @@ def get_config(arg: str | None = None):
     config.sample.calibration_scales = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)
     if "adni" not in variants:
       # Training times drawn toward low noise (56 % of the steps at t < 0.3 T, where this model
-      # draws lesions) and 7,200 steps (~37 min on 2 idle cores, scaled from 4,500 steps in
-      # 23 min): the effect per unit of w grows and three seeds respond alike: at w = 3, 90 % of
+      # draws lesions) and 7,200 steps (25 min of training, 30 min with calibration and sampling,
+      # on 2 idle cores, measured 2026-12-07): the effect per unit of w grows and three seeds respond alike: at w = 3, 90 % of
       # the volumes in their prompted class (83–96 % per seed), 30.5 dB outside the WM, every
       # noise ordered (docs/results.md, "7,200 steps"). The AD showcase keeps the recipe it was
       # measured with (uniform times, 4,500 steps).
