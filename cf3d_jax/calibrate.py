@@ -46,6 +46,7 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import sample_index
+from cf3d_jax.background import background_of, background_record
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import phantom_reference
 from cf3d_jax.errors import ConfigError
@@ -76,6 +77,7 @@ def settings(config, scans: bool = False) -> dict:
           "guidance_negative": config.sample.guidance_negative,
           "guidance_interval": [float(v) for v in config.sample.guidance_interval],
           "guidance_rescale": float(config.sample.guidance_rescale),
+          "background": background_record(config),
           "edit_mask": config.sample.edit_mask or None,
           "use_ema": bool(config.sample.use_ema),
           "num_sample_steps": int(config.objective.num_sample_steps),
@@ -208,7 +210,7 @@ def calibrate(config, workdir: str) -> dict:
                     CALIBRATION_NOISE_OFFSET + int(config.sample.calibration_noises))
   bsz = config.sample.batch_size
   sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
-                                config.sample.guidance_rescale)
+                                config.sample.guidance_rescale, background_of(config))
   outside = ~reference.wm_mask
   per_scale = [_measure(rule, x[..., 0], x[:, 0, ..., 0], outside)   # against the factual
                for _, x in generate(gen, noise_ids, emb, mask, scales, noise_seed=config.seed,

@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import config_base, parallel
+from cf3d_jax.background import background_of
 from cf3d_jax.checkpoints import Generator, load_generator
 from cf3d_jax.data import phantom_reference, records
 from cf3d_jax.data.export import read_records, split_entries
@@ -108,7 +109,8 @@ def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray
                   negative=config.sample.guidance_negative, desc="evaluate",
                   sampler_for=sampler_on_mesh(gen, bsz, "eval.batch_size",
                                               config.sample.guidance_interval,
-                                              config.sample.guidance_rescale))
+                                              config.sample.guidance_rescale,
+                                              background_of(config)))
 
 
 def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: list[str]

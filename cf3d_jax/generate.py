@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax import parallel
+from cf3d_jax.background import regularize_background
 from cf3d_jax.checkpoints import Generator
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives import Objective
@@ -59,7 +60,8 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
                  deterministic: bool = False, depth: float = 1.0, mesh=None,
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
                  interval: tuple[float, float] = (0.0, 1.0), edit_masks=None,
-                 rescale: float = 0.0, trajectory: bool = False):
+                 rescale: float = 0.0, trajectory: bool = False,
+                 background: tuple[float, int] | None = None):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
 
   The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
@@ -75,6 +77,9 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
   trajectory: return `(images, known [B, S', ...])`, the sampler's state after each step (what a
   counterfactual with `edit_masks` follows outside the mask); not with `edit_masks`.
+  background `(threshold, margin)` (`background.background_of`): each decoded volume's background
+  set to −1 (`background.regularize_background`; before the blend with a given scan); None = as
+  decoded.
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
   mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
   z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
@@ -83,6 +88,10 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   if trajectory and edit_masks is not None:
     raise ValueError("make_sampler: trajectory=True records a free run; not with edit_masks")
   sp_placed = placed(space, mesh, rules)
+
+  def finish(x):
+    x = jnp.clip(x, -1.0, 1.0)
+    return x if background is None else regularize_background(x, *background)
 
   def run(params, space_params, z_start, emb, mask, neg_emb, neg_mask, *rest):
     def model_fn(z, t, e, m):
@@ -100,8 +109,8 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
                     deterministic=deterministic, depth=depth, known=known, edit_mask=mask_z,
                     trajectory=trajectory)
     if trajectory:
-      return jnp.clip(sp.decode(z[0]), -1.0, 1.0), jnp.swapaxes(z[1], 0, 1)
-    x = jnp.clip(sp.decode(z), -1.0, 1.0)
+      return finish(sp.decode(z[0])), jnp.swapaxes(z[1], 0, 1)
+    x = finish(sp.decode(z))
     if edit_masks is None:
       return x
     return mask_img * x + (1 - mask_img) * x_input
@@ -193,9 +202,11 @@ def mesh_kwargs(gen: Generator, batch_size: int, key: str) -> dict:
 
 def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
                     interval: Sequence[float] = (0.0, 1.0),
-                    rescale: float = 0.0) -> Callable[..., Callable]:
+                    rescale: float = 0.0, background: tuple[float, int] | None = None
+                    ) -> Callable[..., Callable]:
   """(scale, **kw) → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
-  `interval` with guidance rescale φ = `rescale` (kw: `trajectory`, `edit_masks`), made once per
+  `interval` with guidance rescale φ = `rescale` and `background` regularization (kw:
+  `trajectory`, `edit_masks`), made once per
   (scale, trajectory, edit_masks object) and reused; ConfigError
   naming `key` (e.g. 'sample.batch_size') if `batch_size` does not split over the mesh."""
   on_mesh = mesh_kwargs(gen, batch_size, key)
@@ -210,7 +221,8 @@ def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
       raise TypeError(f"sampler_for: unexpected keywords {unknown}")
     if key_ not in made:   # the masks are kept with their sampler, so their id stays theirs
       made[key_] = (make_sampler(gen.model, gen.objective, gen.space, float(scale), *gen.null,
-                                 interval=tuple(interval), rescale=float(rescale), **kw,
+                                 interval=tuple(interval), rescale=float(rescale),
+                                 background=background, **kw,
                                  **on_mesh), kw.get("edit_masks"))
     return made[key_][0]
 

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import sample_index
+from cf3d_jax.background import background_of
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import nifti, phantom_reference
 from cf3d_jax.errors import ConfigError, DataError
@@ -187,7 +188,8 @@ def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
           gen.model, gen.objective, gen.space, float(scale), *gen.null, deterministic=True,
           depth=float(config.sample.inversion_depth), edit_masks=masks,
           interval=tuple(config.sample.guidance_interval),
-          rescale=float(config.sample.guidance_rescale), **on_mesh)
+          rescale=float(config.sample.guidance_rescale), background=background_of(config),
+          **on_mesh)
     return made[float(scale)]
 
   return sampler_for
@@ -247,7 +249,7 @@ def sample_from_sources(config, workdir: str) -> dict:
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
   plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
-                       depth=depth, **mesh_kwargs(gen, config.sample.batch_size,
+                       depth=depth, background=background_of(config), **mesh_kwargs(gen, config.sample.batch_size,
                                                   "sample.batch_size"))
   recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n,
                   config.sample.batch_size, inverted[0], f_emb, f_mask)

@@ -42,6 +42,7 @@ import jax
 from absl import logging
 
 from cf3d_jax import calibrate as calibrate_lib
+from cf3d_jax.background import background_of
 from cf3d_jax import sample_index
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import nifti, phantom_reference
@@ -71,7 +72,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   names = sample_index.prompt_file_names(prompts)
   entries = []
   sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
-                                config.sample.guidance_rescale)
+                                config.sample.guidance_rescale, background_of(config))
   # Checked before anything is decoded: a calibration of this checkpoint and these settings.
   calibration = (calibrate_lib.load_calibration(config, workdir, gen.step)
                  if config.sample.calibrate else None)

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import parallel
+from cf3d_jax.background import background_record
 from cf3d_jax.files import atomic_dir, unique_slug
 from cf3d_jax.metrics import phantom as phantom_lib
 
@@ -101,7 +102,8 @@ def set_label(key: str) -> str:
 
 
 def guidance_record(config, factual: str) -> dict:
-  """What index.json says about guidance: the formula, the negative text and the interval."""
+  """What index.json says about guidance: the formula, the negative text and the interval (and
+  the background regularization the volumes went through, `background.background_record`)."""
   contrastive = config.sample.guidance_negative == "factual"
   return {"negative": config.sample.guidance_negative,
           "formula": ("out = out_factual + w (out_prompt − out_factual), factual = "
@@ -110,6 +112,7 @@ def guidance_record(config, factual: str) -> dict:
                       "out = out_null + w (out_prompt − out_null) (classifier-free guidance)"),
           "interval": [float(v) for v in config.sample.guidance_interval],
           "rescale": float(config.sample.guidance_rescale),
+          "background": background_record(config),
           "edit_mask": config.sample.edit_mask or None}
 
 

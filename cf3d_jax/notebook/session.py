@@ -133,15 +133,17 @@ class Generator:
     return o.name == "rflow" or (o.sampler in ("default", "ddim") and float(o.eta) == 0.0)
 
   def sampler(self, scale: float, deterministic: bool = False, depth: float = 1.0):
-    """`generate.make_sampler` for this guidance scale, built (and jit-compiled) once per
-    session."""
+    """`generate.make_sampler` for this guidance scale (the config's background regularization),
+    built (and jit-compiled) once per session."""
+    from cf3d_jax.background import background_of
     from cf3d_jax.generate import make_sampler
     deterministic = deterministic and not (depth == 1.0 and self.sampler_is_ode())
     key = ("sample", float(scale), deterministic, float(depth))
     if key not in self._cache:
       r = self.restored
       self._cache[key] = make_sampler(r.model, r.objective, r.space, float(scale), *r.null,
-                                      deterministic=deterministic, depth=depth)
+                                      deterministic=deterministic, depth=depth,
+                                      background=background_of(self.config))
     return self._cache[key]
 
   def inverter(self, refine_iters: int, depth: float):
