@@ -171,6 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_negative = "null"         # what a prompt is guided against: 'null' = the null text (CFG, the paper's); 'factual' = against the factual prompt A (contrastive: out_A + w (out_B − out_A); the factual is out_A at every w)
   c.sample.background_threshold = 0.0         # > 0: each volume's background (voxels within this of −1 that connect to the grid's border through such voxels) set to −1 after decoding, as MAISI regularizes the air; 0 = off (cf3d_jax.background)
   c.sample.background_margin = 0              # > 0: background voxels within this many face steps of brighter ones stay as decoded (keeps a dark edge)
+  c.sample.background_min_island = 27         # brighter specks of fewer voxels, surrounded by that background, are background too; 0 = keep every speck
   # Calibrated guidance (cf3d_jax.calibrate; phantom data with class ranges, MS):
   c.sample.calibrate = False                  # --mode=sample adds the set 'calibrated' (each prompt at the w --mode=calibrate chose for this model); --mode=all calibrates first
   c.sample.calibration_scales = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)  # the w grid: per prompt, the w with the most volumes in the prompted class

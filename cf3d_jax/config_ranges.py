@@ -206,6 +206,7 @@ RANGES: dict[str, Rule] = {
     "sample.guidance_negative": _one_of("null", "factual"),
     "sample.background_threshold": _num(0, 2, hi_open=True),
     "sample.background_margin": _num(0, integer=True),
+    "sample.background_min_island": _num(0, integer=True),
     "sample.calibrate": _BOOL,
     "sample.calibration_scales": _seq(_NONNEG, min_len=1),
     "sample.calibration_noises": _POS_INT,

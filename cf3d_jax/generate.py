@@ -61,7 +61,7 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
                  interval: tuple[float, float] = (0.0, 1.0), edit_masks=None,
                  rescale: float = 0.0, trajectory: bool = False,
-                 background: tuple[float, int] | None = None):
+                 background: tuple[float, int, int] | None = None):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
 
   The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
@@ -77,7 +77,7 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
   trajectory: return `(images, known [B, S', ...])`, the sampler's state after each step (what a
   counterfactual with `edit_masks` follows outside the mask); not with `edit_masks`.
-  background `(threshold, margin)` (`background.background_of`): each decoded volume's background
+  background `(threshold, margin, min_island)` (`background.background_of`): each decoded volume's background
   set to −1 (`background.regularize_background`; before the blend with a given scan); None = as
   decoded.
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
@@ -202,7 +202,7 @@ def mesh_kwargs(gen: Generator, batch_size: int, key: str) -> dict:
 
 def sampler_on_mesh(gen: Generator, batch_size: int, key: str,
                     interval: Sequence[float] = (0.0, 1.0),
-                    rescale: float = 0.0, background: tuple[float, int] | None = None
+                    rescale: float = 0.0, background: tuple[float, int, int] | None = None
                     ) -> Callable[..., Callable]:
   """(scale, **kw) → `make_sampler` of `gen` at that guidance scale on its mesh, guided within
   `interval` with guidance rescale φ = `rescale` and `background` regularization (kw:

@@ -27,7 +27,7 @@ def test_demo_all_mode_end_to_end(tmp_path):
   index = json.load(open(os.path.join(workdir, "samples", "index.json")))
   prompts = index["prompts"]
   assert len(prompts) == 3 and index["guidance_scales"] == [1.0, 3.0]
-  assert index["guidance"]["background"] == {"threshold": 0.25, "margin": 0}   # configs/demo.py
+  assert index["guidance"]["background"] == {"threshold": 0.25, "margin": 0, "min_island": 27}
   assert len(index["items"]) == 1 * 3 * 3          # scales 1 and 3, and the calibrated set
   for item in index["items"]:
     img = nib.load(os.path.join(workdir, "samples", item["nifti"]))
