@@ -111,6 +111,11 @@ def test_sampling_refuses_a_calibration_of_another_model_or_setting(smoke_config
   with pytest.raises(ConfigError, match=r"other sampling settings \(guidance_negative, "
                                         r"guidance_interval\)"):
     cal.load_calibration(smoke_config, str(tmp_path), 4)
+  _write(tmp_path, smoke_config, 4)
+  smoke_config.sample.background_threshold = 0.0        # volumes decoded without the rule
+  with pytest.raises(ConfigError, match=r"other sampling settings \(background\)"):
+    cal.load_calibration(smoke_config, str(tmp_path), 4)
+  smoke_config.sample.background_threshold = 0.25
   smoke_config.sample.calibration_margin = 0.1
   with pytest.raises(ConfigError, match="chosen under calibration_margin=0.0, the config sets 0.1"):
     cal.load_calibration(smoke_config, str(tmp_path), 4)
