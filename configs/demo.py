@@ -1,7 +1,7 @@
 """The tiny CPU demo: WDM on 32³ synthetic MS phantoms; the whole job runs in minutes on 2 cores.
 
 Run:  python -m cf3d_jax.main --config=configs/demo.py --workdir=runs/demo --mode=all
-The MS demo trains the showcase's recipe for 1,800 steps (about 6 min on 2 idle cores) and
+The MS demo trains the showcase's recipe for 1,800 steps (7.7 min on 2 idle cores, measured) and
 samples w = 1, 4, 6.
 Variants (comma-separated): 'smoke' (used by the tests) shrinks it further
 (--config=configs/demo.py:smoke); 'adni' switches to AD T1 phantoms with CN/MCI/AD prompts
