@@ -181,8 +181,11 @@ def make_train_step(model, tx, objective: Objective, space: Space, config, mesh=
   interleaved_hosts=n > 1: the batch arrives as n per-host blocks of the element-interleaved
   global stream (host p holds elements p, p + n, …; `pipeline.make_train_dataset`); its rows
   are put back in stream order first, so each example meets the same time and noise draw as in
-  a one-process run.
+  a one-process run; it needs `mesh` and `batch_sh` (ValueError otherwise).
   """
+  if interleaved_hosts > 1 and (mesh is None or batch_sh is None):
+    raise ValueError(f"make_train_step: interleaved_hosts={interleaved_hosts} reorders a batch "
+                     "sharded over hosts; give the mesh and batch_sh it is sharded with")
   rules = parallel.rules_from_config(config.mesh)
   step = functools.partial(train_step, model=model, tx=tx, objective=objective,
                            space=space if mesh is None else placed(space, mesh, rules),

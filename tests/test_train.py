@@ -148,3 +148,8 @@ def test_cosine_horizon_not_after_warmup_is_a_config_error(smoke_config):
     config_base.validate(c)
   with pytest.raises(ConfigError, match="train.lr_decay_steps"):
     train.learning_rate_schedule(c.train)
+
+
+def test_interleaved_hosts_need_the_batch_sharding(smoke_config):
+  with pytest.raises(ValueError, match="interleaved_hosts=2 reorders a batch sharded over hosts"):
+    train.make_train_step(None, None, None, None, smoke_config, mesh=None, interleaved_hosts=2)
