@@ -46,12 +46,12 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import sample_index
-from cf3d_jax.background import background_of, background_record
+from cf3d_jax.background import background_record
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import phantom_reference
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import write_text
-from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
+from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh, sampling_kwargs
 from cf3d_jax.invert import edit_masks
 from cf3d_jax.metrics import phantom as phantom_lib
 from cf3d_jax.text import prompts as prompt_lib
@@ -209,8 +209,7 @@ def calibrate(config, workdir: str) -> dict:
   noise_ids = range(CALIBRATION_NOISE_OFFSET,
                     CALIBRATION_NOISE_OFFSET + int(config.sample.calibration_noises))
   bsz = config.sample.batch_size
-  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
-                                config.sample.guidance_rescale, background_of(config))
+  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", **sampling_kwargs(config))
   outside = ~reference.wm_mask
   per_scale = [_measure(rule, x[..., 0], x[:, 0, ..., 0], outside)   # against the factual
                for _, x in generate(gen, noise_ids, emb, mask, scales, noise_seed=config.seed,

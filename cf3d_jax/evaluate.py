@@ -39,14 +39,13 @@ import numpy as np
 from absl import logging
 
 from cf3d_jax import config_base, parallel
-from cf3d_jax.background import background_of
 from cf3d_jax.checkpoints import Generator, load_generator
 from cf3d_jax.data import phantom_reference, records
 from cf3d_jax.data.export import read_records, split_entries
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.figures import pyplot, save_png
 from cf3d_jax.files import write_text
-from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
+from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh, sampling_kwargs
 from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
 from cf3d_jax.metrics import phantom as phantom_lib
@@ -108,9 +107,7 @@ def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray
                   key=jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), batch_size=bsz,
                   negative=config.sample.guidance_negative, desc="evaluate",
                   sampler_for=sampler_on_mesh(gen, bsz, "eval.batch_size",
-                                              config.sample.guidance_interval,
-                                              config.sample.guidance_rescale,
-                                              background_of(config)))
+                                              **sampling_kwargs(config)))
 
 
 def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: list[str]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cf3d_jax import parallel
-from cf3d_jax.background import regularize_background
+from cf3d_jax.background import background_of, regularize_background
 from cf3d_jax.checkpoints import Generator
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives import Objective
@@ -77,9 +77,9 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   inversion outside the mask at every step and returns `mask_img·x + (1 − mask_img)·input`.
   trajectory: return `(images, known [B, S', ...])`, the sampler's state after each step (what a
   counterfactual with `edit_masks` follows outside the mask); not with `edit_masks`.
-  background `(threshold, margin, min_island)` (`background.background_of`): each decoded volume's background
-  set to −1 (`background.regularize_background`; before the blend with a given scan); None = as
-  decoded.
+  background `(threshold, margin, min_island)` (`background.background_of`): each decoded
+  volume's background set to −1 (`background.regularize_background`; before the blend with a
+  given scan); None = as decoded.
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
   mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
   z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
@@ -191,6 +191,13 @@ def make_inverter(model, objective: Objective, space: Space, refine_iters: int,
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
   return lambda params, x, emb, mask: call(params, (x, emb, mask))
+
+
+def sampling_kwargs(config) -> dict:
+  """The `make_sampler` / `sampler_on_mesh` keywords every guided decode of `config` shares:
+  the guidance interval and rescale and the background regularization."""
+  return {"interval": tuple(float(v) for v in config.sample.guidance_interval),
+          "rescale": float(config.sample.guidance_rescale), "background": background_of(config)}
 
 
 def mesh_kwargs(gen: Generator, batch_size: int, key: str) -> dict:

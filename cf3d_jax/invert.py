@@ -35,7 +35,7 @@ from cf3d_jax.errors import ConfigError, DataError
 from cf3d_jax.figures import save_montage
 from cf3d_jax.files import write_text
 from cf3d_jax.generate import SAMPLE_STREAM, batched, guidance_negatives, make_inverter, \
-    make_sampler, mesh_kwargs
+    make_sampler, mesh_kwargs, sampling_kwargs
 from cf3d_jax.metrics.image import psnr
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.workdir import Workdir
@@ -187,9 +187,7 @@ def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
       made[float(scale)] = make_sampler(
           gen.model, gen.objective, gen.space, float(scale), *gen.null, deterministic=True,
           depth=float(config.sample.inversion_depth), edit_masks=masks,
-          interval=tuple(config.sample.guidance_interval),
-          rescale=float(config.sample.guidance_rescale), background=background_of(config),
-          **on_mesh)
+          **sampling_kwargs(config), **on_mesh)
     return made[float(scale)]
 
   return sampler_for
@@ -249,8 +247,8 @@ def sample_from_sources(config, workdir: str) -> dict:
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
   plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
-                       depth=depth, background=background_of(config), **mesh_kwargs(gen, config.sample.batch_size,
-                                                  "sample.batch_size"))
+                       depth=depth, background=background_of(config),
+                       **mesh_kwargs(gen, config.sample.batch_size, "sample.batch_size"))
   recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n,
                   config.sample.batch_size, inverted[0], f_emb, f_mask)
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))

@@ -42,13 +42,12 @@ import jax
 from absl import logging
 
 from cf3d_jax import calibrate as calibrate_lib
-from cf3d_jax.background import background_of
 from cf3d_jax import sample_index
 from cf3d_jax.checkpoints import load_generator
 from cf3d_jax.data import nifti, phantom_reference
 from cf3d_jax.figures import save_montage
 from cf3d_jax.files import write_text
-from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh
+from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh, sampling_kwargs
 from cf3d_jax.invert import edit_masks, sample_from_sources
 from cf3d_jax.workdir import Workdir
 
@@ -71,8 +70,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   out_dir = Workdir(workdir).samples
   names = sample_index.prompt_file_names(prompts)
   entries = []
-  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", config.sample.guidance_interval,
-                                config.sample.guidance_rescale, background_of(config))
+  sampler_for = sampler_on_mesh(gen, bsz, "sample.batch_size", **sampling_kwargs(config))
   # Checked before anything is decoded: a calibration of this checkpoint and these settings.
   calibration = (calibrate_lib.load_calibration(config, workdir, gen.step)
                  if config.sample.calibrate else None)
