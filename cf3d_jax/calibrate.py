@@ -73,6 +73,8 @@ def settings(config, scans: bool = False) -> dict:
   under other ones (for given scans, the inversion's too)."""
   extra = ({"inversion_depth": float(config.sample.inversion_depth),
             "inversion_refine": int(config.sample.inversion_refine)} if scans else {})
+  if scans and config.sample.inversion != "ddim":   # (absent = DDIM: older files stay valid)
+    extra["inversion"] = str(config.sample.inversion)
   return {**extra, "prompts": list(config.sample.prompts),
           "guidance_negative": config.sample.guidance_negative,
           "guidance_interval": [float(v) for v in config.sample.guidance_interval],

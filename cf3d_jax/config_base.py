@@ -187,6 +187,9 @@ def base_config() -> ml_collections.ConfigDict:
   # `path` column and `prompt` or lesion_volume_ml/diagnosis columns. Empty = synthetic subjects.
   c.sample.source = ""
   c.sample.source_prompts = ()                # factual prompt per scan; () = the CSV's, else prompts[0]
+  c.sample.inversion = "ddim"                 # 'ddim' (deterministic; inversion_refine applies) or
+                                              # 'edit_friendly' (DDPM noise maps, Huberman-Spiegelglas
+                                              # et al. 2024: exact reconstruction, stronger edits)
   c.sample.inversion_refine = 3               # fixed-point refinements per inversion step (0 = plain)
   c.sample.inversion_depth = 1.0              # fraction of the sampler grid inverted (1 = to pure noise;
                                               # < 1 stops part-way: the prompt changes more, SDEdit-like)
@@ -223,6 +226,11 @@ def base_config() -> ml_collections.ConfigDict:
   # data × fsdp, volumes split along depth on spatial, params/EMA/Adam FSDP-sharded on fsdp.
   # Axes that do not divide a dimension leave it unsplit.
   c.mesh.rules = parallel.DEFAULT_RULES
+  # Split a CPU host into this many JAX devices before JAX starts (the mesh then spreads the
+  # batch over them; XLA's CPU backend leaves cores idle otherwise): 0 = JAX's own (1, or what
+  # $XLA_FLAGS forces), -1 = auto (the most, up to the usable cores, that divide the mode's
+  # batches). Only the CPU backend; changes float rounding, so keep it fixed across a resume.
+  c.mesh.cpu_devices = 0
   return c
 
 

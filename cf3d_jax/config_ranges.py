@@ -218,6 +218,7 @@ RANGES: dict[str, Rule] = {
     "sample.checkpoint_step": _num(-1, integer=True),
     "sample.source": _TEXT,
     "sample.source_prompts": _seq(_NONEMPTY_TEXT),
+    "sample.inversion": _one_of("ddim", "edit_friendly"),
     "sample.inversion_refine": _NONNEG_INT,
     "sample.inversion_depth": _num(0, 1, lo_open=True),
     "sample.edit_mask": _TEXT,
@@ -241,6 +242,8 @@ RANGES: dict[str, Rule] = {
     "mesh.shape": ((lambda v: _seq(_num(-1, integer=True), length=3)[0](v) and 0 not in tuple(v)
                     and tuple(v).count(-1) <= 1),
                    "3 ints (data, fsdp, spatial), each >= 1 or one of them -1"),
+    "mesh.cpu_devices": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+                         "an int: 0 = JAX's own, -1 = auto, n >= 1 = n CPU devices"),
     "mesh.rules": (lambda v: not isinstance(v, str) and hasattr(v, "__len__"),
                    "pairs (logical axis, mesh axes); checked by cf3d_jax.parallel"),
 }

@@ -25,7 +25,7 @@ from cf3d_jax.background import background_of, regularize_background
 from cf3d_jax.checkpoints import Generator
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives import Objective
-from cf3d_jax.objectives.guidance import guided, invert_loop, sample_loop
+from cf3d_jax.objectives.guidance import edit_friendly_inversion, guided, invert_loop, sample_loop
 from cf3d_jax.spaces import Space, placed
 
 SAMPLE_STREAM = 1_000_003  # offsets the sampling key from the training key
@@ -61,7 +61,7 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
                  rules: parallel.Rules = parallel.DEFAULT_RULES,
                  interval: tuple[float, float] = (0.0, 1.0), edit_masks=None,
                  rescale: float = 0.0, trajectory: bool = False,
-                 background: tuple[float, int, int] | None = None):
+                 background: tuple[float, int, int] | None = None, residuals: bool = False):
   """jit(params, z_T [B,...], emb [B,L,E], mask [B,L], key) → images `[B, D, H, W, 1]` in [-1, 1].
 
   The callable also takes `neg_emb [B,L,E]` / `neg_mask [B,L]` (keywords): the text each item is
@@ -80,6 +80,9 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   background `(threshold, margin, min_island)` (`background.background_of`): each decoded
   volume's background set to −1 (`background.regularize_background`; before the blend with a
   given scan); None = as decoded.
+  residuals: decode an edit-friendly inversion (`make_inverter(method='edit_friendly')`): the
+  callable then takes `residuals` `[B, S', ...]` (keyword, batch first), and every step is the
+  stochastic update's mean plus the item's residual (`guidance.sample_loop`).
   The space's own arrays (a VAE's params) are jit arguments, not compiled-in constants.
   mesh: sample on a device mesh (`parallel`): `params` as restored onto it (FSDP by the rules),
   z / emb / mask host arrays split over the batch axes (B divisible by data × fsdp where
@@ -96,6 +99,9 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
   def run(params, space_params, z_start, emb, mask, neg_emb, neg_mask, *rest):
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
+    res = None
+    if residuals:
+      res, rest = jnp.swapaxes(rest[0], 0, 1), rest[1:]    # [S', B, ...] for the scan
     if edit_masks is None:
       (key_data,), known, mask_z = rest, None, None
     else:
@@ -107,7 +113,7 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
     # Images live in [-1, 1]: the last clamp removes the inverse transform's rounding (±1e-7).
     z = sample_loop(objective, fn, z_start, emb, mask, key, sp.clip_x0,
                     deterministic=deterministic, depth=depth, known=known, edit_mask=mask_z,
-                    trajectory=trajectory)
+                    trajectory=trajectory, residuals=res)
     if trajectory:
       return finish(sp.decode(z[0])), jnp.swapaxes(z[1], 0, 1)
     x = finish(sp.decode(z))
@@ -129,12 +135,20 @@ def make_sampler(model, objective: Objective, space: Space, scale: float, null_e
       raise ValueError(f"neg_emb has shape {np.shape(neg_emb)}; expected emb's {np.shape(emb)}")
     return neg_emb, neg_mask
 
+  def with_residuals(res):
+    if residuals != (res is not None):
+      raise ValueError("this sampler was made with residuals=True: give `residuals`" if residuals
+                       else "`residuals` given to a sampler made without residuals=True")
+    return () if res is None else (res,)
+
   if edit_masks is None:
-    return lambda params, z_start, emb, mask, key, neg_emb=None, neg_mask=None: call(
-        params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask), (_key_data(key),))
-  return lambda params, z_start, emb, mask, key, known, x_input, neg_emb=None, neg_mask=None: call(
-      params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask) + (known, x_input),
-      (_key_data(key),) + tuple(edit_masks))
+    return lambda params, z_start, emb, mask, key, neg_emb=None, neg_mask=None, residuals=None: \
+        call(params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask)
+             + with_residuals(residuals), (_key_data(key),))
+  return lambda params, z_start, emb, mask, key, known, x_input, neg_emb=None, neg_mask=None, \
+      residuals=None: call(
+          params, (z_start, emb, mask) + negatives(emb, neg_emb, neg_mask)
+          + with_residuals(residuals) + (known, x_input), (_key_data(key),) + tuple(edit_masks))
 
 
 GUIDANCE_NEGATIVES = ("null", "factual")
@@ -172,25 +186,53 @@ def _key_data(key: jax.Array) -> np.ndarray:
   return np.asarray(key)
 
 
+INVERSIONS = ("ddim", "edit_friendly")
+
+
 def make_inverter(model, objective: Objective, space: Space, refine_iters: int,
                   depth: float = 1.0, mesh=None, rules: parallel.Rules = parallel.DEFAULT_RULES,
-                  trajectory: bool = False):
-  """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L]) → z_T `[B, ...]`.
+                  trajectory: bool = False, method: str = "ddim"):
+  """jit(params, images [B, D, H, W, 1], emb [B,L,E], mask [B,L], keys=None) → z_T `[B, ...]`.
 
   The conditional model (no guidance) drives the inversion. mesh: as `make_sampler`.
-  trajectory: return `(z_T, known [B, S', ...])`, the states blended editing follows.
+  method (`config.sample.inversion`): 'ddim' = deterministic DDIM inversion with
+  `refine_iters` fixed-point refinements (`guidance.invert_loop`); trajectory: return
+  `(z_T, known [B, S', ...])`, the states blended editing follows. 'edit_friendly' =
+  `guidance.edit_friendly_inversion` (DDPM only; needs `keys` `[B]`, each item's draw of its
+  noisy copies, independent of the batch it falls in):
+  returns `(z_T, known [B, S', ...], residuals [B, S', ...])` whatever `trajectory` says; decode
+  with `make_sampler(..., residuals=True)`.
   """
+  if method not in INVERSIONS:
+    raise ConfigError(f"config.sample.inversion={method!r}: expected one of {INVERSIONS}")
+  if method == "edit_friendly" and not hasattr(objective, "stochastic_mean"):
+    raise ConfigError("config.sample.inversion='edit_friendly' needs a DDPM objective (a "
+                      f"stochastic step to invert); this config's is {type(objective).__name__}")
   sp_placed = placed(space, mesh, rules)
+  batch_first = lambda a: jnp.swapaxes(a, 0, 1)
 
-  def run(params, space_params, x, emb, mask):
+  def run(params, space_params, x, emb, mask, *key_data):   # key_data: ([B, 2] uint32,) or ()
     def model_fn(z, t, e, m):
       return model.apply({"params": params}, z, t, e, m, train=False)
-    z0 = sp_placed.with_params(space_params).encode(x)
+    sp = sp_placed.with_params(space_params)
+    z0 = sp.encode(x)
+    if method == "edit_friendly":
+      z, known, res = edit_friendly_inversion(objective, model_fn, z0, emb, mask,
+                                              jax.random.wrap_key_data(key_data[0]), sp.clip_x0,
+                                              depth)
+      return z, batch_first(known), batch_first(res)
     out = invert_loop(objective, model_fn, z0, emb, mask, refine_iters, depth, trajectory)
-    return (out[0], jnp.swapaxes(out[1], 0, 1)) if trajectory else out
+    return (out[0], batch_first(out[1])) if trajectory else out
 
   call = _on_mesh(jax.jit(run), space, mesh, rules)
-  return lambda params, x, emb, mask: call(params, (x, emb, mask))
+
+  def invert(params, x, emb, mask, keys=None):
+    if (method == "edit_friendly") != (keys is not None):
+      raise ValueError("edit-friendly inversion needs `keys` (one per item); DDIM inversion "
+                       "takes none")
+    return call(params, (x, emb, mask) + (() if keys is None else (_key_data(keys),)))
+
+  return invert
 
 
 def sampling_kwargs(config) -> dict:

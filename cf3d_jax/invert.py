@@ -160,19 +160,36 @@ def edit_masks(config, reference, z_shape: Sequence[int]) -> tuple[np.ndarray, n
   return as_input(mask_z), as_input(mask)
 
 
+# Key stream of edit-friendly inversion's noisy copies (scan k: fold_in(key(seed + this), k)).
+INVERSION_STREAM = 7_919
+
+
+def inversion_key(seed: int, k: int) -> jax.Array:
+  """The key of scan k's edit-friendly noise maps: fixed by the config seed and the scan's
+  index, not by the batch it falls in."""
+  return jax.random.fold_in(jax.random.key(seed + INVERSION_STREAM), k)
+
+
 def invert_scans(gen, config, inputs: np.ndarray, f_emb: np.ndarray, f_mask: np.ndarray, masks
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
   """Inverts `inputs` `[N, D, H, W, 1]` under their factual prompts' embeddings (conditional
-  model, `config.sample.inversion_depth` / `inversion_refine`): (z at the inversion depth
-  `[N, d, h, w, C]`, the inversion trajectory that blended editing follows, or None without
-  `masks`)."""
+  model, `config.sample.inversion` / `inversion_depth` / `inversion_refine`): (z at the
+  inversion depth `[N, d, h, w, C]`, the inversion trajectory `[N, S', ...]` that blended editing
+  follows (None for DDIM inversion without `masks`), the edit-friendly residuals `[N, S', ...]`
+  or None)."""
   bsz = config.sample.batch_size
+  method = str(config.sample.inversion)
   invert = make_inverter(gen.model, gen.objective, gen.space, config.sample.inversion_refine,
                          float(config.sample.inversion_depth), trajectory=masks is not None,
-                         **mesh_kwargs(gen, bsz, "sample.batch_size"))
-  z_T = batched(lambda _, x, e, m: invert(gen.params, x, e, m), len(inputs), bsz, inputs, f_emb,
+                         method=method, **mesh_kwargs(gen, bsz, "sample.batch_size"))
+  if method == "edit_friendly":
+    keys = jax.random.key_data(jax.vmap(lambda k: inversion_key(int(config.seed), k))(
+        jnp.arange(len(inputs))))
+    return batched(lambda _, x, e, m, k: invert(gen.params, x, e, m, k), len(inputs), bsz,
+                   inputs, f_emb, f_mask, np.asarray(keys))
+  out = batched(lambda _, x, e, m: invert(gen.params, x, e, m), len(inputs), bsz, inputs, f_emb,
                 f_mask)
-  return z_T if masks is not None else (z_T, None)
+  return out + (None,) if masks is not None else (out, None, None)
 
 
 def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
@@ -187,7 +204,8 @@ def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
       made[float(scale)] = make_sampler(
           gen.model, gen.objective, gen.space, float(scale), *gen.null, deterministic=True,
           depth=float(config.sample.inversion_depth), edit_masks=masks,
-          **sampling_kwargs(config), **on_mesh)
+          residuals=config.sample.inversion == "edit_friendly", **sampling_kwargs(config),
+          **on_mesh)
     return made[float(scale)]
 
   return sampler_for
@@ -200,18 +218,22 @@ def decode_scans(gen, config, sampler_for, scale: float, inverted, inputs: np.nd
   inversion (`invert_scans`: with a trajectory when the samplers blend in edit masks) with
   `sampler_for(scale)` (`scan_samplers`), guided against `config.sample.guidance_negative`
   (the scan's factual prompt for 'factual'): volumes `[len(ks), D, H, W, 1]`."""
-  z_T, known = inverted
+  z_T, known, residuals = inverted
   bsz = config.sample.batch_size
   run = sampler_for(scale)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   neg_e, neg_m = guidance_negatives(config.sample.guidance_negative, emb[ps], mask[ps],
                                     f_emb[ks], f_mask[ks], gen.null)
-  if known is None:
-    return batched(lambda _, z, e, m, ne, nm: run(gen.params, z, e, m, key, ne, nm), len(ks),
-                   bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m)
-  return batched(lambda _, z, e, m, ne, nm, kn, xin: run(gen.params, z, e, m, key, kn, xin, ne,
-                                                         nm),
-                 len(ks), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, known[ks], inputs[ks])
+  res = () if residuals is None else (residuals[ks],)
+  res_kw = lambda r: {} if not r else {"residuals": r[0]}
+  if config.sample.edit_mask:           # the samplers blend (`scan_samplers` made them with masks)
+    return batched(lambda _, z, e, m, ne, nm, kn, xin, *r: run(gen.params, z, e, m, key, kn, xin,
+                                                               ne, nm, **res_kw(r)),
+                   len(ks), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, known[ks], inputs[ks],
+                   *res)
+  return batched(lambda _, z, e, m, ne, nm, *r: run(gen.params, z, e, m, key, ne, nm,
+                                                    **res_kw(r)),
+                 len(ks), bsz, z_T[ks], emb[ps], mask[ps], neg_e, neg_m, *res)
 
 
 def sample_from_sources(config, workdir: str) -> dict:
@@ -246,11 +268,14 @@ def sample_from_sources(config, workdir: str) -> dict:
   sampler_for = scan_samplers(gen, config, masks)
   key = jax.random.key(config.seed + SAMPLE_STREAM)
   # Reconstruction: decode under the factual prompt with the conditional model.
+  edit_friendly = config.sample.inversion == "edit_friendly"
   plain = make_sampler(gen.model, gen.objective, gen.space, 1.0, *gen.null, deterministic=True,
-                       depth=depth, background=background_of(config),
+                       depth=depth, background=background_of(config), residuals=edit_friendly,
                        **mesh_kwargs(gen, config.sample.batch_size, "sample.batch_size"))
-  recon = batched(lambda _, z, e, m: plain(gen.params, z, e, m, key), n,
-                  config.sample.batch_size, inverted[0], f_emb, f_mask)
+  recon = batched(lambda _, z, e, m, *r: plain(gen.params, z, e, m, key,
+                                               **({"residuals": r[0]} if r else {})), n,
+                  config.sample.batch_size, inverted[0], f_emb, f_mask,
+                  *(() if inverted[2] is None else (inverted[2],)))
   recon_psnr = np.asarray(psnr(jnp.asarray(recon), jnp.asarray(inputs), 2.0))
   ks, ps = np.asarray([k for k, _ in items]), np.asarray([p for _, p in items])
   out_dir = Workdir(workdir).samples_source
@@ -298,6 +323,7 @@ def sample_from_sources(config, workdir: str) -> dict:
               "num_subjects": n, "objective": config.objective.name,
               "inversion": {"sampler_steps": int(len(gen.objective.timesteps())),
                             "depth": depth,
+                            "method": str(config.sample.inversion),
                             "refine_iters": int(config.sample.inversion_refine),
                             "edit_mask": config.sample.edit_mask or None,
                             "guidance": "conditional model (w = 1) under the factual prompt"},

@@ -22,10 +22,29 @@ def _needs_autoencoder_training(config, workdir: str) -> bool:
           and not os.path.isdir(spaces.autoencoder_path(config.space, workdir)))
 
 
+# The batch sizes each mode splits over the device mesh.
+_BATCH_KEYS = {"train": ("train.batch_size",), "sample": ("sample.batch_size",),
+               "calibrate": ("sample.batch_size",),
+               "all": ("train.batch_size", "sample.batch_size"), "evaluate": ("eval.batch_size",),
+               "train_classifier": (), "train_autoencoder": (), "prepare": (),
+               "prepare_latents": ()}
+
+
+def cpu_devices(config, mode: str) -> int | None:
+  """Applies `config.mesh.cpu_devices` for this mode before JAX starts (`parallel.
+  configure_cpu_devices`): auto picks a divisor of the batches the mode splits."""
+  from cf3d_jax import parallel
+  if mode not in _BATCH_KEYS:
+    return None                                   # preflight names the bad mode
+  batches = [config[k.split(".")[0]][k.split(".")[1]] for k in _BATCH_KEYS[mode]]
+  return parallel.configure_cpu_devices(int(config.mesh.cpu_devices), batches)
+
+
 def preflight(config, workdir: str, mode: str) -> None:
   """Everything checkable before a mode writes anything (ConfigError naming the key or path):
   the mode, every config value (`config_base.validate`), the workdir (a folder or absent), and
-  the batch sizes this mode uses against the device mesh."""
+  the batch sizes this mode uses against the device mesh (after splitting a CPU host into
+  `mesh.cpu_devices` devices)."""
   from cf3d_jax import config_base
   from cf3d_jax.errors import ConfigError
   if mode not in MODES:
@@ -38,11 +57,8 @@ def preflight(config, workdir: str, mode: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir}: is a file, not a folder; give a folder (it is "
                       "created if missing)")
-  keys = {"train": ("train.batch_size",), "sample": ("sample.batch_size",),
-          "calibrate": ("sample.batch_size",),
-          "all": ("train.batch_size", "sample.batch_size"), "evaluate": ("eval.batch_size",),
-          "train_classifier": (), "train_autoencoder": (), "prepare": (),
-          "prepare_latents": ()}[mode]
+  cpu_devices(config, mode)                        # before anything starts JAX's backend
+  keys = _BATCH_KEYS[mode]
   if keys:
     from cf3d_jax import parallel
     mesh = parallel.make_mesh(config.mesh.shape)     # ConfigError if it does not fit the devices

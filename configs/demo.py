@@ -1,11 +1,11 @@
 """The tiny CPU demo: WDM on 32³ synthetic MS phantoms; the whole job runs in minutes on 2 cores.
 
 Run:  python -m cf3d_jax.main --config=configs/demo.py --workdir=runs/demo --mode=all
-The MS demo trains the showcase's recipe for 1,800 steps (7.7 min on 2 idle cores, measured) and
-samples w = 1, 4, 6.
+The MS demo trains the showcase's recipe for 2,400 steps with its batch split over the CPU cores
+(mesh.cpu_devices = -1; 7.7 min on 2 idle cores, measured) and samples w = 1, 4, 6.
 Variants (comma-separated): 'smoke' (used by the tests) shrinks it further
 (--config=configs/demo.py:smoke); 'adni' switches to AD T1 phantoms with CN/MCI/AD prompts
-(--config=configs/demo.py:adni, 900 steps, token-level text); 'long' trains 2,400 steps;
+(--config=configs/demo.py:adni, 900 steps, token-level text); 'long' trains 3,600 steps;
 'showcase' trains 7,200 steps with training times drawn
 toward low noise (30 min end to end on 2 idle cores; the AD showcase 4,500 steps with uniform times),
 calibrates each prompt's guidance scale on held-out noises (--mode=calibrate) and samples with
@@ -77,11 +77,11 @@ def get_config(arg: str | None = None):
   config.eval.ms_ssim_kernel = 3            # 32³ holds 4 scales of a 3-voxel window (needs 24)
   config.eval.ms_ssim_scales = 4
   config.eval.diversity_pairs = 200
-  # The MS demo is the showcase's recipe (below) stopped at 1,800 steps: logit-normal training
-  # times, the pooled text table, contrastive guidance at low noise. On seed 0's showcase run its
-  # 1,800-step checkpoint put 71 % of 24 volumes in their class at w = 4 and 79 % at w = 6, every
-  # noise ordered, where the 900-step token-table demo of 2026-12-06 put 25-33 % on this machine
-  # at any w (docs/results.md, "The showcase recipe against CPU minutes"). Token-level text
+  # The MS demo is the showcase's recipe (below) stopped at 2,400 steps: logit-normal training
+  # times, the pooled text table, contrastive guidance at low noise. Over seeds 0, 1, 2 it put
+  # 67 % of the volumes in their class at w = 4 and at w = 6, every noise ordered, where the
+  # 900-step token-table demo of 2026-12-06 put 25-33 % on this machine at any w
+  # (docs/results.md, "The 10-minute demo on both cores"). Token-level text
   # (builtin:ms_minilm_tokens) stays one override away; at 900 steps it landed 10 of 12 on one
   # machine and 2 of 12 on another ("Token-level text").
   if not {"smoke", "showcase", "adni"} & set(variants):
@@ -90,8 +90,14 @@ def get_config(arg: str | None = None):
     config.sample.guidance_negative = "factual"
     config.sample.guidance_interval = (0.0, 0.3)
     config.sample.guidance_scales = (1.0, 4.0, 6.0)
+    # The batch over both cores of a 2-core machine: 5.6 instead of 4.4 steps/s here
+    # (docs/benchmarks.md); set 0 for one CPU device.
+    config.mesh.cpu_devices = -1
+    # Given scans (--config.sample.source): edit-friendly DDPM inversion reconstructs each scan
+    # exactly and edits it further per unit of w than DDIM inversion (docs/results.md).
+    config.sample.inversion = "edit_friendly"
     if "long" not in variants:
-      config.train.num_steps = 1800
+      config.train.num_steps = 2400
       config.train.checkpoint_every = 600
   if "adni" in variants:
     apply_dataset(config, "adni")
@@ -102,7 +108,7 @@ def get_config(arg: str | None = None):
     # The T1 phantoms' subband RMS (measured as for MS above).
     config.objective.sigma_data_channels = (0.807, 0.2, 0.187, 0.102, 0.219, 0.104, 0.107, 0.086)
   if "long" in variants:
-    config.train.num_steps = 2400
+    config.train.num_steps = 3600
     config.train.checkpoint_every = 600
   if "showcase" in variants:
     # The demo trained longer (constant rate: its step-900 checkpoint is the demo's). The

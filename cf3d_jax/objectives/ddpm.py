@@ -297,6 +297,19 @@ class DDPM:
     `x0` is clipped by `clip_x0` (if given) and eps re-derived from it; with eta > 0 fresh
     noise from `key` is added (never at the final step).
     """
+    mean, sigma = self.ddim_mean_sigma(model_out, z_t, t, t_prev, self.eta, clip_x0)
+    if self.eta == 0.0:
+      return mean
+    noise = jax.random.normal(key, z_t.shape, z_t.dtype)
+    return mean + sigma * noise
+
+  def ddim_mean_sigma(self, model_out: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray,
+                      t_prev: jnp.ndarray, eta: float,
+                      clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+                      ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Mean `[N, ...]` and noise scale σ `[N, 1, ...]` of the DDIM update z_t → z_{t_prev} at
+    `eta` (Song et al. 2021, eq. 12; η = 1 is DDPM's posterior with the 'fixed_small'
+    variance); x0 clipped by `clip_x0` and eps re-derived from it. σ = 0 on the last step."""
     x0, _ = self.x0_and_eps(model_out, z_t, t)
     if clip_x0 is not None:
       x0 = clip_x0(x0)
@@ -305,12 +318,16 @@ class DDPM:
     has_prev = (t_prev >= 0).reshape(t_prev.shape + (1,) * (z_t.ndim - 1))
     ab_prev = jnp.where(has_prev, _gather(ab, jnp.maximum(t_prev, 0), z_t), 1.0)
     eps = (z_t - jnp.sqrt(ab_t) * x0) / jnp.sqrt(1 - ab_t)
-    sigma = self.eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t)) * jnp.sqrt(1 - ab_t / ab_prev)
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab_t)) * jnp.sqrt(1 - ab_t / ab_prev)
     mean = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
-    if self.eta == 0.0:
-      return mean
-    noise = jax.random.normal(key, z_t.shape, z_t.dtype)
-    return mean + sigma * noise
+    return mean, sigma
+
+  def stochastic_mean(self, model_eval: ModelEval, z_t: jnp.ndarray, t: jnp.ndarray,
+                      t_prev: jnp.ndarray, clip_x0: ClipFn | None = None) -> jnp.ndarray:
+    """The mean of the stochastic (η = 1, DDPM) update z_t → z_{t_prev} (one network call):
+    what edit-friendly inversion (`guidance.edit_friendly_inversion`) measures its noise maps
+    against."""
+    return self.ddim_mean_sigma(model_eval(z_t, t), z_t, t, t_prev, 1.0, clip_x0)[0]
 
   def posterior(self, x0: jnp.ndarray, z_t: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:

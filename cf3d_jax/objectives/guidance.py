@@ -108,7 +108,7 @@ def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, t
                 clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
                 deterministic: bool = False, depth: float = 1.0,
                 known: jnp.ndarray | None = None, edit_mask: jnp.ndarray | None = None,
-                trajectory: bool = False):
+                trajectory: bool = False, residuals: jnp.ndarray | None = None):
   """Runs the objective's sampler from `z_start` (pure noise, or an inversion) to the clean end.
 
   z_start `[N, ...]`; text_emb `[N, L, E]`; returns z0 `[N, ...]`. The step key is
@@ -125,20 +125,30 @@ def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, t
 
   trajectory: return `(z0, states [S', N, ...])`, the state after each step (the last is z0),
   which another call follows as `known`.
+
+  residuals `[S', N, ...]` (`edit_friendly_inversion`): step i is the stochastic update's mean
+  plus `residuals[i]` in place of fresh noise (the objective's `stochastic_mean`; DDPM only),
+  so the decode under the scan's own prompt retraces its inversion exactly.
   """
   steps, nxt = _grid(objective, depth)
   n = z_start.shape[0]
   model_eval = _bind(objective, model_fn, text_emb, text_mask)
   if (known is None) != (edit_mask is None):
     raise ValueError("blended editing needs both `known` and `edit_mask`")
-  if known is not None and known.shape[:2] != (steps.shape[0], n):
-    raise ValueError(f"known has shape {known.shape}; expected [{steps.shape[0]}, {n}, ...] "
-                     "(one state per sampler step, from invert_loop with the same depth)")
+  for name, arr in (("known", known), ("residuals", residuals)):
+    if arr is not None and arr.shape[:2] != (steps.shape[0], n):
+      raise ValueError(f"{name} has shape {arr.shape}; expected [{steps.shape[0]}, {n}, ...] "
+                       "(one state per sampler step, from the inversion with the same depth)")
+  if residuals is not None and not hasattr(objective, "stochastic_mean"):
+    raise ValueError(f"{type(objective).__name__} has no stochastic step to follow residuals "
+                     "(edit-friendly inversion needs the DDPM objective)")
 
   def body(z, xs):
     i, t, t_next = xs[:3]
     tt, tn = jnp.full((n,), t), jnp.full((n,), t_next)
-    if deterministic:
+    if residuals is not None:
+      z = objective.stochastic_mean(model_eval, z, tt, tn, clip_x0) + xs[-1]
+    elif deterministic:
       z = objective.ode_step(model_eval, z, tt, tn, clip_x0)
     else:
       z = objective.sampler_step(model_eval, z, tt, tn, jax.random.fold_in(key, i), clip_x0)
@@ -146,9 +156,49 @@ def sample_loop(objective: Objective, model_fn: ModelFn, z_start: jnp.ndarray, t
       z = edit_mask * z + (1 - edit_mask) * xs[3]
     return z, (z if trajectory else None)
 
-  xs = (jnp.arange(steps.shape[0]), steps, nxt) + (() if known is None else (known,))
+  xs = ((jnp.arange(steps.shape[0]), steps, nxt) + (() if known is None else (known,))
+        + (() if residuals is None else (residuals,)))
   z, states = jax.lax.scan(body, z_start, xs)
   return (z, states) if trajectory else z
+
+
+def edit_friendly_inversion(objective: Objective, model_fn: ModelFn, z0: jnp.ndarray,
+                            text_emb: jnp.ndarray, text_mask: jnp.ndarray, keys: jax.Array,
+                            clip_x0: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
+                            depth: float = 1.0):
+  """Edit-friendly DDPM inversion (Huberman-Spiegelglas, Kulikov & Michaeli, CVPR 2024).
+
+  Each grid time t_i gets its own noisy copy of the clean z0 `[N, ...]`,
+  `x_i = √ᾱ_i z0 + √(1 − ᾱ_i) ε_i` with independent ε_i drawn from item n's key `keys[n]`
+  (`[N]` typed keys: an item's draw does not depend on its batch); the residual of step i is
+  what the stochastic update from x_i (under the scan's own text) misses of the next state,
+  `r_i = x_{i+1} − mean(x_i)` (the last state is z0). `sample_loop(..., residuals=r)` from x_0
+  then retraces x_1, …, z0 exactly under the same text, and under another prompt keeps the
+  noise maps that encode the subject while the prompt changes the means. Unlike DDIM inversion
+  the states are not tied to one ODE path, so the prompt is not fighting a trajectory that
+  already decodes to the scan. Returns `(z_start [N, ...], known [S', N, ...], residuals
+  [S', N, ...])`: known[i] is the state after step i (for blended editing, as `invert_loop`'s).
+  """
+  if not hasattr(objective, "stochastic_mean"):
+    raise ValueError(f"edit-friendly inversion needs a stochastic DDPM step; "
+                     f"{type(objective).__name__} has none")
+  steps, nxt = _grid(objective, depth)
+  n, s = z0.shape[0], steps.shape[0]
+  model_eval = _bind(objective, model_fn, text_emb, text_mask)
+
+  eps = jax.vmap(lambda k: jax.random.normal(k, (s,) + z0.shape[1:], z0.dtype))(keys)
+  states = jax.lax.map(lambda xs: objective.corrupt(z0, xs[0], jnp.full((n,), xs[1])),
+                       (jnp.swapaxes(eps, 0, 1), steps))                  # [S', N, ...]
+  known = jnp.concatenate([states[1:], z0[None]], axis=0)
+
+  def body(_, xs):
+    x, t, t_next, target = xs
+    mean = objective.stochastic_mean(model_eval, x, jnp.full((n,), t), jnp.full((n,), t_next),
+                                     clip_x0)
+    return None, target - mean
+
+  _, residuals = jax.lax.scan(body, None, (states, steps, nxt, known))
+  return states[0], known, residuals
 
 
 def invert_loop(objective: Objective, model_fn: ModelFn, z0: jnp.ndarray, text_emb: jnp.ndarray,

@@ -195,3 +195,85 @@ def test_guidance_interval_switches_guidance_off_outside_it():
   np.testing.assert_allclose(everywhere(z, jnp.asarray([100.0, 400.0]), emb, mask), 4.0)
   with pytest.raises(ValueError, match="interval"):
     guidance.guided(cond, 3.0, null_emb, null_mask, interval=(0.7, 0.2))
+
+
+# ---- edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024) --------------------------
+
+def _ef_setup(n=4, **kw):
+  objective = _ddpm(**kw)
+  x0 = MU + SD * jax.random.normal(jax.random.key(7), (n, 4, 4, 4, 4))
+  emb, mask = jnp.zeros((n, 1, 4)), jnp.ones((n, 1), bool)
+  keys = jax.vmap(lambda k: jax.random.fold_in(jax.random.key(11), k))(jnp.arange(n))
+  return objective, x0, emb, mask, keys
+
+
+@pytest.mark.parametrize("kw", [{}, {"prediction": "eps", "timestep_spacing": "trailing"},
+                                {"prediction": "v", "timestep_spacing": "linspace"}])
+@pytest.mark.parametrize("depth", [1.0, 0.4])
+def test_edit_friendly_inversion_reconstructs_exactly(kw, depth):
+  objective, x0, emb, mask, keys = _ef_setup(**kw)
+  exact = _analytic_model(objective)
+  z, known, res = guidance.edit_friendly_inversion(objective, exact, x0, emb, mask, keys,
+                                                   depth=depth)
+  s = max(1, round(depth * len(objective.timesteps())))
+  assert z.shape == x0.shape and known.shape == res.shape == (s,) + x0.shape
+  np.testing.assert_array_equal(known[-1], x0)
+  back, states = guidance.sample_loop(objective, exact, z, emb, mask, jax.random.key(0),
+                                      depth=depth, residuals=res, trajectory=True)
+  np.testing.assert_allclose(back, x0, atol=1e-5)            # float32 round-off only
+  np.testing.assert_allclose(states, known, atol=1e-5)       # every state retraced
+  # The start is the grid's first noisy copy: √ᾱ z0 + √(1 − ᾱ) ε, ε from the item's own key
+  # (float64 oracle of ᾱ from the betas).
+  t0 = int(objective.timesteps()[-s])
+  ab = float(np.cumprod(1.0 - np.asarray(objective.betas, np.float64))[t0])
+  eps = np.stack([np.asarray(jax.random.normal(k, (s,) + x0.shape[1:]))[0] for k in keys])
+  np.testing.assert_allclose(z, np.sqrt(ab) * np.asarray(x0) + np.sqrt(1 - ab) * eps,
+                             atol=1e-5)
+
+
+def test_stochastic_mean_is_the_ddpm_posterior_mean():
+  """η = 1 DDIM = DDPM's posterior q(z_prev | z_t, x0̂) with the 'fixed_small' variance
+  (diffusers' DDPMScheduler; `DDPM.posterior` is checked against it in test_ddpm)."""
+  objective = _ddpm(ancestral_variance="fixed_small")
+  exact = _analytic_model(objective)
+  z = jax.random.normal(jax.random.key(2), (3, 4, 4, 4, 4))
+  model_eval = lambda zz, tt: exact(zz, tt.astype(jnp.float32), None, None)
+  for t, tp in ((960, 920), (400, 360), (40, -1)):
+    tt, tpp = jnp.full((3,), t), jnp.full((3,), tp)
+    mean = objective.stochastic_mean(model_eval, z, tt, tpp)
+    x0, _ = objective.x0_and_eps(model_eval(z, tt), z, tt)
+    post_mean, post_var = objective.posterior(x0, z, tt, tpp)
+    np.testing.assert_allclose(mean, post_mean, atol=2e-5)
+    _, sigma = objective.ddim_mean_sigma(model_eval(z, tt), z, tt, tpp, 1.0)
+    np.testing.assert_allclose(np.broadcast_to(sigma ** 2, post_var.shape), post_var,
+                               rtol=1e-4, atol=1e-9)
+
+
+def test_edit_friendly_edit_moves_inside_the_mask_and_keys_are_per_item():
+  objective, x0, emb, mask, keys = _ef_setup()
+  exact = _analytic_model(objective)
+  shifted = lambda z, t, e, m: exact(z, t, e, m) + 1.0       # another prompt's model
+  z, known, res = guidance.edit_friendly_inversion(objective, exact, x0, emb, mask, keys)
+  free = guidance.sample_loop(objective, shifted, z, emb, mask, jax.random.key(0), residuals=res)
+  assert float(jnp.mean(free - x0)) > 0.5                     # the edit acts
+  edit = jnp.zeros((1, 4, 4, 4, 1)).at[:, :2].set(1.0)
+  out = guidance.sample_loop(objective, shifted, z, emb, mask, jax.random.key(0), known=known,
+                             edit_mask=edit, residuals=res)
+  np.testing.assert_array_equal(out[:, 2:], x0[:, 2:])        # kept exactly outside
+  assert float(jnp.mean(out[:, :2] - x0[:, :2])) > 0.3
+  # Item 2 alone, with its own key, gets the same noisy copies as in the batch of 4.
+  z2, known2, res2 = guidance.edit_friendly_inversion(objective, exact, x0[2:3], emb[2:3],
+                                                      mask[2:3], keys[2:3])
+  np.testing.assert_allclose(known2, known[:, 2:3], atol=1e-6)
+  np.testing.assert_allclose(res2, res[:, 2:3], atol=1e-5)
+  with pytest.raises(ValueError, match="residuals has shape"):
+    guidance.sample_loop(objective, exact, z, emb, mask, jax.random.key(0), residuals=res[1:])
+
+
+def test_edit_friendly_needs_ddpm():
+  objective = _rflow()
+  x0 = jnp.zeros((1, 8, 8, 8, 4))
+  emb, mask = jnp.zeros((1, 1, 4)), jnp.ones((1, 1), bool)
+  with pytest.raises(ValueError, match="stochastic"):
+    guidance.edit_friendly_inversion(objective, _analytic_model(objective), x0, emb, mask,
+                                     jax.random.split(jax.random.key(0), 1))
