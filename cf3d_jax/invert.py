@@ -1,9 +1,10 @@
 """Counterfactuals of given scans (`--mode=sample` with `config.sample.source` set).
 
-`sample_from_sources`: each scan is conformed to the training grid, inverted deterministically
-under its factual prompt (DDIM or rectified-flow ODE inversion, `objectives.guidance.invert_loop`,
-conditional model), then decoded from that noise under every prompt and guidance scale with the
-deterministic sampler. Outputs under `WORKDIR/samples_source/` in the layout of `samples/`
+`sample_from_sources`: each scan is conformed to the training grid, inverted under its factual
+prompt with the conditional model (`config.sample.inversion`: 'ddim' = deterministic DDIM or
+rectified-flow ODE inversion, `objectives.guidance.invert_loop`; 'edit_friendly' = DDPM noise
+maps, `objectives.guidance.edit_friendly_inversion`, whose residuals replace the sampler's noise
+when decoding), then decoded under every prompt and guidance scale. Outputs under `WORKDIR/samples_source/` in the layout of `samples/`
 (`subject_k` = the k-th scan), plus `subject_{k:03d}/input.nii.gz` (the conformed scan),
 montages whose first row is the input and whose differences are against it, and in index.json
 each scan's `reconstruction_psnr_db` (invert → decode under the factual prompt at w = 1) and
@@ -193,9 +194,9 @@ def invert_scans(gen, config, inputs: np.ndarray, f_emb: np.ndarray, f_mask: np.
 
 
 def scan_samplers(gen, config, masks) -> Callable[[float], Callable]:
-  """scale → the deterministic sampler that decodes given scans from their inversions (depth,
-  edit masks, guidance interval and rescale of `config.sample`), made once per scale: the
-  calibrated set reuses the plain scales' compiles."""
+  """scale → the sampler that decodes given scans from their inversions (depth, edit masks,
+  the edit-friendly residuals, guidance interval and rescale of `config.sample`), made once per
+  scale: the calibrated set reuses the plain scales' compiles."""
   made: dict[float, Callable] = {}
   on_mesh = mesh_kwargs(gen, config.sample.batch_size, "sample.batch_size")
 
