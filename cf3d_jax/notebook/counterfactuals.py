@@ -88,30 +88,42 @@ def generate(gen: Generator, prompt_set: PromptSet, guidance: float, seed: int,
 
 def invert_scan(gen: Generator, path: str, factual: PromptSet, prompt_set: PromptSet,
                 guidance: float, refine_iters: int | None = None,
-                depth: float | None = None) -> Counterfactuals:
+                depth: float | None = None, method: str | None = None) -> Counterfactuals:
   """Counterfactuals of a given scan (as `config.sample.source` makes them): the scan conformed
   to the training grid (`invert.load_source`), inverted under its factual prompt (one-prompt
-  `factual`) by the conditional model, decoded from that noise under every prompt at guidance w
-  with the deterministic sampler. Differences are against the input."""
+  `factual`) by the conditional model, decoded under every prompt at guidance w. method
+  (default `config.sample.inversion`): 'ddim' = deterministic inversion, decoded with the
+  deterministic sampler; 'edit_friendly' = edit-friendly DDPM inversion (the scan's noise maps
+  drawn with `invert.inversion_key(seed, 0)`, as the CLI's first scan), decoded along its
+  residuals. Differences are against the input."""
   import jax
   from cf3d_jax.generate import SAMPLE_STREAM, batched
-  from cf3d_jax.invert import load_source
+  from cf3d_jax.invert import inversion_key, load_source
   if len(factual.prompts) != 1:
     raise PromptError(f"invert_scan takes one factual prompt, got {list(factual.prompts)}")
   cfg = gen.config.sample
   refine = cfg.inversion_refine if refine_iters is None else refine_iters
   depth = float(cfg.inversion_depth if depth is None else depth)
+  method = str(cfg.inversion if method is None else method)
   volume = load_source(path, gen.config, gen.affine)                    # [D, H, W]
-  invert = gen.inverter(refine, depth)
+  invert = gen.inverter(refine, depth, method)
   params = gen.restored.params
-  z_t = np.asarray(invert(params, volume[None, ..., None], factual.emb, factual.mask))
   n = len(prompt_set.prompts)
+  res = ()
+  if method == "edit_friendly":
+    keys = jax.random.key_data(inversion_key(int(gen.config.seed), 0))[None]
+    z_t, _, r = invert(params, volume[None, ..., None], factual.emb, factual.mask, keys)
+    res = (np.broadcast_to(np.asarray(r)[0], (n,) + np.shape(r)[1:]),)
+  else:
+    z_t = invert(params, volume[None, ..., None], factual.emb, factual.mask)
+  z_t = np.asarray(z_t)
   zs = np.broadcast_to(z_t[0], (n,) + z_t.shape[1:])
   key = jax.random.key(int(gen.config.seed) + SAMPLE_STREAM)
-  run = gen.sampler(guidance, deterministic=True, depth=depth)
-  x = batched(lambda _, z, e, m, ne, nm: run(params, z, e, m, key, ne, nm), n,
+  run = gen.sampler(guidance, deterministic=True, depth=depth, residuals=bool(res))
+  x = batched(lambda _, z, e, m, ne, nm, *r: run(params, z, e, m, key, ne, nm,
+                                                 **({"residuals": r[0]} if r else {})), n,
               _batch_size(gen, prompt_set, None), zs, prompt_set.emb, prompt_set.mask,
-              *_guided_against(gen, prompt_set, factual))
+              *_guided_against(gen, prompt_set, factual), *res)
   return Counterfactuals(np.asarray(x[..., 0], np.float32), prompt_set, float(guidance),
                          int(gen.config.seed), 0, gen.step, gen.affine,
                          source=os.path.abspath(path), input=volume)

@@ -132,28 +132,32 @@ class Generator:
     o = self.config.objective
     return o.name == "rflow" or (o.sampler in ("default", "ddim") and float(o.eta) == 0.0)
 
-  def sampler(self, scale: float, deterministic: bool = False, depth: float = 1.0):
-    """`generate.make_sampler` for this guidance scale (the config's background regularization),
-    built (and jit-compiled) once per session."""
+  def sampler(self, scale: float, deterministic: bool = False, depth: float = 1.0,
+              residuals: bool = False):
+    """`generate.make_sampler` for this guidance scale (the config's background regularization;
+    `residuals`: decoding an edit-friendly inversion), built (and jit-compiled) once per
+    session."""
     from cf3d_jax.background import background_of
     from cf3d_jax.generate import make_sampler
     deterministic = deterministic and not (depth == 1.0 and self.sampler_is_ode())
-    key = ("sample", float(scale), deterministic, float(depth))
+    key = ("sample", float(scale), deterministic, float(depth), bool(residuals))
     if key not in self._cache:
       r = self.restored
       self._cache[key] = make_sampler(r.model, r.objective, r.space, float(scale), *r.null,
                                       deterministic=deterministic, depth=depth,
-                                      background=background_of(self.config))
+                                      background=background_of(self.config),
+                                      residuals=bool(residuals))
     return self._cache[key]
 
-  def inverter(self, refine_iters: int, depth: float):
-    """`generate.make_inverter` (conditional model), built once per (refinements, depth)."""
+  def inverter(self, refine_iters: int, depth: float, method: str = "ddim"):
+    """`generate.make_inverter` (conditional model), built once per (refinements, depth,
+    method: `config.sample.inversion`)."""
     from cf3d_jax.generate import make_inverter
-    key = ("invert", int(refine_iters), float(depth))
+    key = ("invert", int(refine_iters), float(depth), str(method))
     if key not in self._cache:
       r = self.restored
       self._cache[key] = make_inverter(r.model, r.objective, r.space, int(refine_iters),
-                                       float(depth))
+                                       float(depth), method=str(method))
     return self._cache[key]
 
 
