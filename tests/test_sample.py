@@ -88,7 +88,7 @@ def test_prompt_file_names_are_unique_per_run():
 
 def test_edit_friendly_given_scans_through_the_generator(config):
   """make_inverter(method='edit_friendly') + make_sampler(residuals=True) on the smoke U-Net
-  (random weights): the factual decode returns each scan, guided or not (contrastive guidance
+  (random weights): the factual decode returns each scan, guided (contrastive guidance
   against the factual prompt is the conditional model); another prompt changes the scan; the
   inverter checks its keys and the sampler its residuals."""
   import jax
@@ -117,14 +117,13 @@ def test_edit_friendly_given_scans_through_the_generator(config):
   z, known, res = invert(params, x, f_emb, f_mask, keys)
   assert known.shape == res.shape == (2, len(objective.timesteps())) + z_shape
   key = jax.random.key(1)
-  for w in (1.0, 3.0):
-    run = generate.make_sampler(model, objective, space, w, null_emb[0], null_mask[0],
-                                residuals=True)
-    back = np.asarray(run(params, z, f_emb, f_mask, key, f_emb, f_mask, residuals=res))
-    np.testing.assert_allclose(back, x, atol=2e-4)
-    other = np.asarray(run(params, z, emb[[2, 2]], mask[[2, 2]], key, f_emb, f_mask,
-                           residuals=res))
-    assert np.abs(other - x).max() > 1e-3
+  run = generate.make_sampler(model, objective, space, 3.0, null_emb[0], null_mask[0],
+                              residuals=True)
+  back = np.asarray(run(params, z, f_emb, f_mask, key, f_emb, f_mask, residuals=res))
+  np.testing.assert_allclose(back, x, atol=2e-4)
+  other = np.asarray(run(params, z, emb[[2, 2]], mask[[2, 2]], key, f_emb, f_mask,
+                         residuals=res))
+  assert np.abs(other - x).max() > 1e-3
   with pytest.raises(ValueError, match="keys"):
     invert(params, x, f_emb, f_mask)
   with pytest.raises(ValueError, match="residuals=True"):
