@@ -146,9 +146,9 @@ def get_config(arg: str | None = None):
       # the command with the grid up to 12 that they were measured with.
       config.sample.calibration_scales = (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
       config.sample.guidance_scales = (1.0, 2.0, 3.0)   # the paper's range; w = 6 overshoots
-      # Given scans: edit-friendly DDPM inversion. On seeds 0 and 1 (2026-12-07, evening) 9 of 12
-      # held-out "minimal" phantoms edited under "high" at w = 3 measure > 25 mL, against 0 of 12
-      # with DDIM inversion, the scan exact outside the WM (docs/results.md).
+      # Given scans: edit-friendly DDPM inversion. On seeds 0, 1, 2 (2026-12-07, evening) 14 of 17
+      # held-out "minimal" phantoms edited under "high" at w = 3 measure > 25 mL (DDIM inversion
+      # on seeds 0 and 1: 0 of 12), the scan exact outside the WM (docs/results.md).
       config.sample.inversion = "edit_friendly"
   if "smoke" in variants:
     config.data.shape = (16, 16, 16)
