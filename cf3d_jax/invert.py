@@ -5,8 +5,8 @@ prompt with the conditional model (`config.sample.inversion`: 'ddim' = determini
 rectified-flow ODE inversion, `objectives.guidance.invert_loop`; 'edit_friendly' = DDPM noise
 maps, `objectives.guidance.edit_friendly_inversion`, whose residuals replace the sampler's noise
 when decoding), then decoded under every prompt and guidance scale. Outputs under
-`WORKDIR/samples_source/` in the layout of `samples/` (`subject_k` = the k-th scan), plus `subject_{k:03d}/input.nii.gz` (the conformed scan),
-montages whose first row is the input and whose differences are against it, and in index.json
+`WORKDIR/samples_source/` in the layout of `samples/` (`subject_k` = the k-th scan), plus
+`subject_{k:03d}/input.nii.gz` (the conformed scan), montages whose first row is the input and whose differences are against it, and in index.json
 each scan's `reconstruction_psnr_db` (invert → decode under the factual prompt at w = 1) and
 each item's `psnr_vs_input_db`.
 
