@@ -50,6 +50,15 @@ median of `--repeats` runs after compilation and one warm-up run, each ended by
             unless set). Columns: size, grid, base, params_jax, params_torch, jax_ms, torch_ms,
             torch_channels_last_ms, ratio (jax_ms / the faster torch layout), conv_impl,
             threads, torch_device, torch, omp_wait_policy, note.
+  efficiency  the paper's claim that MAISI RFlow needs 65 % less memory and compute than WDM:
+            per generator (WDM, MAISI Linear, MAISI RFlow on MS at 128³, or
+            `--efficiency_configs`), FLOPs and one device's peak memory of the compiled train
+            step at batch 1, of one sampler network call and of the decode, and per generated
+            volume with the config's sampler and steps, with and without CFG; ratios and
+            savings against the first row (`cf3d_jax.efficiency`; no timing). Columns: model,
+            space, image, latent, train_gflops, train_peak_mib, encode_gflops, sampler, steps,
+            forward_gflops, decode_gflops, sample_gflops, sample_peak_mib, sample_cfg_gflops,
+            sample_cfg_peak_mib, {key}_vs_first, {key}_saving.
 
 The benchmark functions take plain arguments (no flags), so tests and notebooks call them
 in-process; the flags are defined only when this module runs as a program.
@@ -380,10 +389,18 @@ def bench_vs_torch(config, repeats: int, sizes: Sequence[int] = (32, 64),
   return bench_torch.bench_vs_torch(config, repeats, [int(s) for s in sizes], int(base_channels))
 
 
+def bench_efficiency(config, repeats: int, configs: Sequence[str] = ()) -> list[dict]:
+  """WDM against MAISI Linear and MAISI RFlow: train and sample FLOPs and peak memory from the
+  compiled programs (`cf3d_jax.efficiency`); no timing, and not the `--config`."""
+  del config, repeats
+  from cf3d_jax import efficiency
+  return efficiency.bench_efficiency(configs)
+
+
 # name → fn(config, repeats, **options); the options come from flags (`_options`).
 BENCHES = {"train": bench_train, "sample": bench_sample, "wavelets": bench_wavelets,
            "conv": bench_conv, "data": data_bench.bench_data, "memory": bench_memory,
-           "vs_torch": bench_vs_torch}
+           "vs_torch": bench_vs_torch, "efficiency": bench_efficiency}
 
 
 def _options(what: str, f) -> dict:
@@ -395,6 +412,8 @@ def _options(what: str, f) -> dict:
             "remat": f.remat, "dtype": f.dtype, "rules": f.rules, "memory_batch": f.memory_batch}
   if what == "vs_torch":
     return {"sizes": f.vs_torch_sizes, "base_channels": f.vs_torch_base}
+  if what == "efficiency":
+    return {"configs": f.efficiency_configs}
   return {}
 
 
@@ -431,7 +450,9 @@ def define_flags() -> None:
       "conv (jax_{impl}_ms, torch_ms, torch_channels_last_ms per U-Net level); "
       "data (volumes_per_s, mb_per_s; --data_* flags); memory (per_device_gib, flops_per_device "
       "of the paper configs; --memory_* flags); vs_torch (jax_ms, torch_ms, ratio of wdm-3d's "
-      "U-Net train step against PyTorch; --vs_torch_* flags, needs torch).")
+      "U-Net train step against PyTorch; --vs_torch_* flags, needs torch); efficiency "
+      "(train/sample GFLOPs and peak MiB of WDM, MAISI Linear and MAISI RFlow, ratios to the "
+      "first; --efficiency_configs).")
   flags.DEFINE_integer("repeats", 5, "Timed repeats (median reported).")
   flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
   flags.DEFINE_list("conv_impls", list(layers.CONV_IMPLS), "train: U-Net conv formulations.")
@@ -452,6 +473,10 @@ def define_flags() -> None:
   flags.DEFINE_list("vs_torch_sizes", ["32", "64"], "vs_torch: image sizes S (S³ images, "
                     "(S/2)³ × 8 wavelet grids); multiples of 32 at wdm-3d's 5 levels.")
   flags.DEFINE_integer("vs_torch_base", 64, "vs_torch: U-Net base channels (wdm-3d: 64).")
+  # --what=efficiency (cf3d_jax.efficiency): the paper's WDM vs MAISI cost claim, AOT-compiled.
+  flags.DEFINE_list("efficiency_configs", [], "efficiency: generators as NAME=configs/FILE.py[:ARG] "
+                    "(the first is the reference of the ratios); empty = WDM, MAISI Linear and "
+                    "MAISI RFlow on MS at 128³ (cf3d_jax.efficiency.PAPER_MODELS).")
 
 
 def main(argv):

@@ -173,7 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.background_margin = 0              # > 0: background voxels within this many face steps of brighter ones stay as decoded (keeps a dark edge)
   c.sample.background_min_island = 27         # brighter specks of fewer voxels, surrounded by that background, are background too; 0 = keep every speck
   # Calibrated guidance (cf3d_jax.calibrate; phantom data with class ranges, MS):
-  c.sample.calibrate = False                  # --mode=sample adds the set 'calibrated' (each prompt at the w --mode=calibrate chose for this model); --mode=all calibrates first
+  c.sample.calibrate = False                  # --mode=sample and --mode=evaluate add the set 'calibrated' (each prompt at the w --mode=calibrate chose for this model); --mode=all calibrates first
   c.sample.calibration_scales = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 15.0, 20.0)  # the w grid: per prompt, the w with the most volumes in the prompted class
   c.sample.calibration_noises = 8             # noises the scales are chosen on (never the sample or eval noises); with sample.source, validation phantoms (each inverted, decoded under the other prompts)
   c.sample.calibration_margin = 0.0           # a calibration volume counts as in class only inside the range shrunk by this fraction at each finite bound (0.1: minimal < 9.1, moderate 11–22.7, high ≥ 27.5 mL)

@@ -21,6 +21,10 @@ For every guidance scale of `config.eval.guidance_scales` (the first is Table 1'
      volume: mean per prompt, mean change factual → counterfactual, and for MS the fraction of
      volumes whose measured lesion volume falls in the prompt's class range (the counterfactual
      "lands in its class") with the mean distance to that range in mL.
+With `config.sample.calibrate` set, the same columns for the set 'calibrated' (`results.json`
+key `calibrated`): the evaluation noises decoded under each prompt at the scale
+`--mode=calibrate` chose for it on its own held-out noises (`calibrate.decode_calibrated`); a
+missing or mismatched calibration is a ConfigError before anything is decoded.
 MS-SSIM uses `eval.ms_ssim_kernel` and `eval.ms_ssim_scales` (the first scales' standard weights,
 renormalised), data range 2 (images in [-1, 1]).
 Outputs in `WORKDIR/eval/`: `results.json`, `results.md` (the paper's layout) and
@@ -96,8 +100,8 @@ def _pairwise(fn, a: np.ndarray, b: np.ndarray, bsz: int) -> np.ndarray:
                          for i in range(0, len(a), bsz)])
 
 
-def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray
-                     ) -> Iterator[tuple[float, np.ndarray]]:
+def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray,
+                     sampler_for=None) -> Iterator[tuple[float, np.ndarray]]:
   """Per guidance scale of `config.eval.guidance_scales`: (scale, volumes `[K, P, D, H, W, 1]`)
   for K = `eval.num_per_prompt` evaluation noises × the P prompts (`emb [P, L, E]`,
   `mask [P, L]`), in batches of `eval.batch_size` (`generate.generate`)."""
@@ -106,8 +110,13 @@ def generate_volumes(gen: Generator, config, emb: np.ndarray, mask: np.ndarray
                   noise_seed=config.seed + EVAL_STREAM,
                   key=jax.random.key(config.seed + EVAL_STREAM + SAMPLE_STREAM), batch_size=bsz,
                   negative=config.sample.guidance_negative, desc="evaluate",
-                  sampler_for=sampler_on_mesh(gen, bsz, "eval.batch_size",
-                                              **sampling_kwargs(config)))
+                  sampler_for=sampler_for or eval_sampler(gen, config))
+
+
+def eval_sampler(gen: Generator, config):
+  """`generate.sampler_on_mesh` of `gen` at `eval.batch_size` with the config's guidance
+  settings."""
+  return sampler_on_mesh(gen, config.eval.batch_size, "eval.batch_size", **sampling_kwargs(config))
 
 
 def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: list[str]
@@ -126,6 +135,7 @@ def _ground_truth(rule: phantom_lib.PhantomRule, volumes: np.ndarray, prompts: l
 
 def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
   """Runs the evaluation and writes `out_dir` (default `WORKDIR/eval/`); returns the results."""
+  from cf3d_jax import calibrate as calibrate_lib
   from cf3d_jax import classifier as classifier_lib
   config_base.validate(config)
   gen = load_generator(config, workdir)
@@ -160,6 +170,9 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
   ms_ssim = jax.jit(lambda a, b: image_lib.ms_ssim_3d(a, b, 2.0, **ms_kw))
   psnr = jax.jit(lambda a, b: image_lib.psnr(a, b, 2.0))
   predictor = classifier_lib.find_predictor(config, workdir)
+  # Checked before anything is decoded: a calibration of this checkpoint and these settings.
+  calibration = (calibrate_lib.load_calibration(config, workdir, gen.step)
+                 if config.sample.calibrate else None)
   classes = [prompt_lib.prompt_class(dataset, p) for p in prompts]
   labels = np.asarray([-1 if c is None else c for c in classes])
   result = {"checkpoint_step": gen.step, "seed": config.seed, "dataset": dataset,
@@ -174,11 +187,13 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
                             "real_accuracy": float(np.mean(
                                 predictor.predict(real, bsz) == real_labels))}
   rng = np.random.default_rng([config.seed, 17])
-  for scale, vols in generate_volumes(gen, config, emb, mask):
+
+  def measure(vols: np.ndarray) -> dict:
+    """Every column of one set of volumes `[K, P, D, H, W, 1]` (module docstring)."""
     vols = np.asarray(vols, np.float32)
     k_total, n_prompts = vols.shape[:2]
     flat = vols.reshape((-1,) + vols.shape[2:])
-    row = {"guidance_scale": float(scale)}
+    row = {}
     gen_stats = fid_lib.feature_statistics(_features(feats, flat, bsz))
     row["fid"] = fid_lib.frechet_distance(*gen_stats, *real_stats)
     div = []
@@ -201,9 +216,24 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
     row["fid_vs_floor"] = row["fid"] / result["fid_floor"] if result["fid_floor"] > 0 else None
     if rule is not None:
       row["ground_truth"] = _ground_truth(rule, vols, prompts)
+    return row
+
+  sampler_for = eval_sampler(gen, config)   # one compile per scale, shared by both sets
+  for scale, vols in generate_volumes(gen, config, emb, mask, sampler_for):
+    row = {"guidance_scale": float(scale), **measure(vols)}
     result["scales"].append(row)
     logging.info("evaluate w=%g: %s", scale, {k: v for k, v in row.items()
                                                if not isinstance(v, dict)})
+  if calibration is not None:   # each prompt at the scale --mode=calibrate chose for it
+    chosen = [float(calibration["chosen_scale"][p]) for p in prompts]
+    vols = calibrate_lib.decode_calibrated(
+        gen, chosen, emb, mask, num_subjects=config.eval.num_per_prompt,
+        seed=config.seed + EVAL_STREAM, batch_size=bsz,
+        negative=config.sample.guidance_negative, sampler_for=sampler_for)
+    result["calibrated"] = {"chosen_scale": dict(zip(prompts, chosen)),
+                            "num_noises": calibration["num_noises"], **measure(vols)}
+    logging.info("evaluate calibrated %s: %s", chosen, {
+        k: v for k, v in result["calibrated"].items() if not isinstance(v, dict)})
   if parallel.is_writer():   # multi-host: every process evaluates, process 0 writes
     out_dir = out_dir or Workdir(workdir).eval
     write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
@@ -266,20 +296,34 @@ def results_markdown(result: dict) -> str:
     lines.append(f"| {row['guidance_scale']:g} | {align} | {_fmt(row['ms_ssim_preservation'])} | "
                  f"{_fmt(row['psnr_preservation'], 2)} | {_fmt(row['fid'])} | "
                  f"{_fmt(row.get('fid_vs_floor'), 2)} |")
-  gts = [row for row in _by_scale(result) if "ground_truth" in row]
+  cal = result.get("calibrated")
+  if cal is not None:
+    scales = ", ".join(f"{p} w = {w:g}" for p, w in cal["chosen_scale"].items())
+    align = _fmt(100 * cal["alignment"], 2) if "alignment" in cal else "—"
+    lines += ["", "## Calibrated guidance (each prompt at the scale --mode=calibrate chose on "
+              f"{cal['num_noises']} held-out noises)", "", f"Scales: {scales}.", "",
+              "| align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ |",
+              "| --- | --- | --- | --- | --- |",
+              f"| {align} | {_fmt(cal['ms_ssim_preservation'])} | "
+              f"{_fmt(cal['psnr_preservation'], 2)} | {_fmt(cal['fid'])} | "
+              f"{_fmt(cal.get('fid_vs_floor'), 2)} |"]
+  gts = [(f"{row['guidance_scale']:g}", row) for row in _by_scale(result)
+         if "ground_truth" in row]
+  if cal is not None and "ground_truth" in cal:
+    gts.append(("calibrated", cal))
   if gts:
-    stat = gts[0]["ground_truth"]["stat"]
+    stat = gts[0][1]["ground_truth"]["stat"]
     lines += ["", f"## Phantom ground truth ({stat}, measured in generated volumes)", "",
               "| w | prompt | mean | change vs factual | in class range | ordered | "
               "PSNR outside WM |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in gts:
+    for label, row in gts:
       gt = row["ground_truth"]
       ordered = gt.get("ordered_fraction")
       changes = gt.get("change_vs_first", gt.get("mean_change_vs_factual", {}))
       for p, mean in gt["mean"].items():
         change = changes.get(p)
         hit = gt.get("class_hit_rate", {}).get(p)
-        lines.append(f"| {row['guidance_scale']:g} | {p} | {mean:.2f} | "
+        lines.append(f"| {label} | {p} | {mean:.2f} | "
                      f"{'—' if change is None else f'{change:+.2f}'} | "
                      f"{'—' if hit is None else f'{100 * hit:.0f}%'} | "
                      f"{'—' if ordered is None else f'{100 * ordered:.0f}%'} | "

@@ -70,6 +70,30 @@ def test_train_classifier_then_evaluate(tmp_path):
   md = open(tmp_path / "eval" / "results.md").read()
   assert "## Table 1" in md and "## Table 2" in md and "| 3 |" in md
   assert os.path.getsize(tmp_path / "eval" / "guidance.png") > 1000
+  assert "calibrated" not in result
+
+  # With sample.calibrate: the calibrated set on the same evaluation noises, each prompt at the
+  # scale --mode=calibrate chose; refused before decoding while no calibration exists.
+  c.sample.calibrate = True
+  c.sample.calibration_scales = (1.0, 3.0)
+  c.sample.calibration_noises = 2
+  with pytest.raises(ConfigError, match="calibration.json: no calibration"):
+    run(c, workdir, "evaluate")
+  run(c, workdir, "calibrate")
+  chosen = json.load(open(tmp_path / "calibration.json"))["chosen_scale"]
+  run(c, workdir, "evaluate")
+  again = json.load(open(tmp_path / "eval" / "results.json"))
+  cal = again["calibrated"]
+  assert cal["chosen_scale"] == chosen and cal["num_noises"] == 2
+  assert cal["fid"] >= 0 and 0 <= cal["alignment"] <= 1
+  assert set(cal["ground_truth"]["mean"]) == set(result["prompts"])
+  # Each prompt at its chosen w measures as that prompt in the sweep's row for that w (the same
+  # evaluation noises and sampler keys; the volumes may differ by float rounding in the batches).
+  by_w = {row["guidance_scale"]: row["ground_truth"]["mean"] for row in again["scales"]}
+  for p, w in chosen.items():
+    assert cal["ground_truth"]["mean"][p] == pytest.approx(by_w[w][p], abs=0.5)
+  md = open(tmp_path / "eval" / "results.md").read()
+  assert "## Calibrated guidance" in md and "| calibrated |" in md
 
 
 def test_results_markdown_sorts_the_sweep_and_keeps_table1_first():
