@@ -172,6 +172,7 @@ RANGES: dict[str, Rule] = {
     "objective.loss_weighting": _one_of("none", "edm", "min_snr"),
     "objective.sigma_data_channels": _seq(_POS),
     "objective.snr_range": _seq(_NONNEG, length=2),
+    "objective.channel_weight_power": _NONNEG,
     "objective.beta_schedule": _one_of("linear", "scaled_linear"),
     "objective.beta_start": _num(0, 1, lo_open=True, hi_open=True),
     "objective.beta_end": _num(0, 1, lo_open=True, hi_open=True),

@@ -38,7 +38,8 @@ MODEL = STRUCTURAL + (
     "objective.name", "objective.num_train_steps", "objective.prediction",
     "objective.preconditioning", "objective.sigma_data", "objective.sigma_data_channels",
     "objective.beta_schedule", "objective.beta_start", "objective.beta_end", "objective.loss",
-    "objective.loss_weighting", "objective.snr_range", "objective.time_sampling",
+    "objective.loss_weighting", "objective.snr_range", "objective.channel_weight_power",
+    "objective.time_sampling",
     "objective.logit_normal",
     "objective.time_shift", "objective.shift_base_numel", "objective.shift_scale",
     "data.dataset", "text.table")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, TypeVar
 
 import jax.numpy as jnp
+import numpy as np
 
 from cf3d_jax.errors import ConfigError
 
@@ -38,6 +39,7 @@ OBJECTIVE_FALLBACKS: dict[str, Any] = {
     "num_sample_steps": 0, "sampler": "default", "loss": "default", "preconditioning": "none",
     "sigma_data": 0.5, "sigma_data_channels": (), "loss_weighting": "none",
     "snr_range": (0.0, MIN_SNR_GAMMA), "ancestral_variance": "fixed_small",
+    "channel_weight_power": 0.0,
     "eta": 0.0, "timestep_spacing": "leading",
     "time_sampling": "uniform", "logit_normal": (0.0, 1.0), "time_shift": True,
     "shift_base_numel": 32 ** 3, "shift_scale": 1.0,
@@ -120,6 +122,37 @@ def sigma_data_array(sigma_data: float | tuple[float, ...], like: jnp.ndarray) -
     raise ConfigError(f"config.objective.sigma_data_channels has {sd.shape[0]} values; the "
                       f"diffused tensor has {like.shape[-1]} channels")
   return sd
+
+
+def channel_weights(sigma_data: float | tuple[float, ...], power: float
+                    ) -> tuple[float, ...] | None:
+  """`config.objective.channel_weight_power` p → one loss weight per diffused channel,
+  `(max σ / σ_c)^p` with σ_c the per-channel data stds (`sigma_data_channels`): 1 for the
+  widest channel, more for the quieter ones (p = 2: each channel's error measured against its
+  own scale). None for p = 0. ConfigError for p > 0 without per-channel stds."""
+  if power < 0:
+    raise ConfigError(f"config.objective.channel_weight_power={power}: expected a number >= 0")
+  if power == 0:
+    return None
+  sd = np.atleast_1d(np.asarray(sigma_data, np.float64))
+  if sd.size < 2:
+    raise ConfigError(f"config.objective.channel_weight_power={power} weights each channel by its "
+                      "data std: set config.objective.sigma_data_channels (one std per channel; "
+                      "python -m cf3d_jax.data.channel_stats measures them)")
+  return tuple(float(w) for w in (sd.max() / sd) ** power)
+
+
+def with_channel_weights(weight: jnp.ndarray | None, channel: tuple[float, ...] | None,
+                         like: jnp.ndarray) -> jnp.ndarray | None:
+  """`weight` (None or broadcasting against `like` `[N, ..., C]`) times the per-channel
+  weights `[C]` (None = unchanged); ConfigError if their count is not C."""
+  if channel is None:
+    return weight
+  if len(channel) != like.shape[-1]:
+    raise ConfigError(f"config.objective.channel_weight_power: sigma_data_channels has "
+                      f"{len(channel)} values; the diffused tensor has {like.shape[-1]} channels")
+  cw = jnp.asarray(channel, jnp.float32)
+  return cw if weight is None else weight * cw
 
 
 def bcast(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:

@@ -36,6 +36,7 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval,
+                                        channel_weights, with_channel_weights,
                                         check_loss_weighting, check_snr_range, choose,
                                         family_default, no_preconditioning, no_weight,
                                         objective_settings, per_example_loss,
@@ -172,6 +173,7 @@ class DDPM:
   loss_kind: str = "mse"                # common.LOSSES
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: clip(SNR, lo, hi))
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
+  channel_weight_power: float = 0.0    # common.channel_weights: per-channel loss weights
   time_sampling: str = "uniform"        # TIME_SAMPLINGS: training timesteps
   logit_normal: tuple[float, float] = (0.0, 1.0)   # (loc, scale) of 'logit-normal'
   final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
@@ -188,6 +190,7 @@ class DDPM:
                                                              compare=False)
 
   def __post_init__(self):
+    channel_weights(self.sigma_data, self.channel_weight_power)   # ConfigError early
     resolved = dict(
         _param=choose("prediction", self.prediction, PREDICTIONS),
         _precondition=choose("preconditioning", self.preconditioning, PRECONDITIONINGS),
@@ -224,7 +227,8 @@ class DDPM:
               sampler=family_default(o["sampler"], "ddim"),
               ancestral_variance=o["ancestral_variance"],
               loss_kind=family_default(o["loss"], "mse"), loss_weighting=o["loss_weighting"],
-              snr_range=check_snr_range(o["snr_range"]), time_sampling=o["time_sampling"],
+              snr_range=check_snr_range(o["snr_range"]),
+              channel_weight_power=float(o["channel_weight_power"]), time_sampling=o["time_sampling"],
               logit_normal=tuple(float(v) for v in o["logit_normal"]))
     obj.timesteps()  # validates steps and spacing early.
     return obj
@@ -271,7 +275,10 @@ class DDPM:
            t: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (MSE by default) over all remaining axes, weighted by
     `loss_weight(t)` when a weighting is configured (then t `[N]` is required)."""
-    return per_example_loss(prediction, target, self._error, self.loss_weight(t, target))
+    weight = with_channel_weights(self.loss_weight(t, target),
+                                  channel_weights(self.sigma_data, self.channel_weight_power),
+                                  target)
+    return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: the raw integer timestep, as float32."""

@@ -34,6 +34,7 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval, bcast,
+                                        channel_weights, with_channel_weights,
                                         check_loss_weighting, check_snr_range, choose,
                                         family_default, no_preconditioning, no_weight,
                                         objective_settings, per_example_loss,
@@ -117,6 +118,7 @@ class RectifiedFlow:
   loss_kind: str = "l1"                 # common.LOSSES
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (clip(SNR, lo, hi)·s²)
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
+  channel_weight_power: float = 0.0    # common.channel_weights: per-channel loss weights
   final_time = 0.0
   # Resolved from the names above in __post_init__:
   _ode_step: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
@@ -128,6 +130,7 @@ class RectifiedFlow:
   _weight: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
+    channel_weights(self.sigma_data, self.channel_weight_power)   # ConfigError early
     resolved = dict(
         _ode_step=choose("sampler", self.sampler, SAMPLERS, family="rflow"),
         _draw_s=choose("time_sampling", self.time_sampling, TIME_SAMPLINGS),
@@ -160,7 +163,8 @@ class RectifiedFlow:
               sampler=family_default(o["sampler"], "euler"), time_sampling=o["time_sampling"],
               logit_normal=(loc, scale), ratio=ratio, preconditioning=o["preconditioning"],
               sigma_data=sigma_data_from_settings(o), loss_kind=family_default(o["loss"], "l1"),
-              loss_weighting=o["loss_weighting"], snr_range=check_snr_range(o["snr_range"]))
+              loss_weighting=o["loss_weighting"], snr_range=check_snr_range(o["snr_range"]),
+              channel_weight_power=float(o["channel_weight_power"]))
     obj.timesteps()  # validates the step count early.
     return obj
 
@@ -199,7 +203,10 @@ class RectifiedFlow:
            t: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (L1 by default, as MAISI), weighted by `loss_weight(t)` when a
     weighting is configured."""
-    return per_example_loss(prediction, target, self._error, self.loss_weight(t, target))
+    weight = with_channel_weights(self.loss_weight(t, target),
+                                  channel_weights(self.sigma_data, self.channel_weight_power),
+                                  target)
+    return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value fed to the network: t in [0, T], float32."""
