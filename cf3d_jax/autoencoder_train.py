@@ -84,6 +84,19 @@ def build_vae(ac) -> ae_lib.AutoencoderKL:
       remat=bool(ac.remat), conv_impl=str(ac.conv_impl)))
 
 
+def build_space_vae(config) -> ae_lib.AutoencoderKL:
+  """`build_vae(config.autoencoder)`, checked against the latent space it is to serve:
+  ConfigError if its latent channels or downsampling differ from `config.space`'s."""
+  vae = build_vae(config.autoencoder)
+  if (vae.latent_channels, vae.downsample_factor) != (int(config.space.latent_channels),
+                                                      int(config.space.downsample)):
+    raise ConfigError(
+        f"config.autoencoder gives {vae.latent_channels} latent channels and downsampling "
+        f"{vae.downsample_factor}; config.space.latent_channels={config.space.latent_channels}, "
+        f"config.space.downsample={config.space.downsample}")
+  return vae
+
+
 def build_discriminator(ac) -> disc_lib.PatchDiscriminator:
   return disc_lib.PatchDiscriminator(channels=int(ac.disc_channels),
                                      num_layers=int(ac.disc_layers), conv_impl=str(ac.conv_impl))

@@ -247,14 +247,9 @@ def _space_with_decoder(config, space):
     return space, "haar_idwt3d"
   if space.autoencoder is not None:
     return space, "VAE decode"
-  from cf3d_jax.autoencoder_train import build_vae
+  from cf3d_jax.autoencoder_train import build_space_vae
   from cf3d_jax.models import autoencoder as ae_lib
-  vae = build_vae(config.autoencoder)
-  if (vae.latent_channels, vae.downsample_factor) != (space.latent_channels, space.downsample):
-    raise ConfigError(
-        f"config.autoencoder gives {vae.latent_channels} latent channels and downsampling "
-        f"{vae.downsample_factor}; config.space.latent_channels={space.latent_channels}, "
-        f"config.space.downsample={space.downsample}")
+  vae = build_space_vae(config)
   params = ae_lib.init_params(vae, jax.random.key(3))
   return (dataclasses.replace(space, autoencoder=vae, params=params),
           "VAE decode (random init from config.autoencoder, no trained VAE)")

@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
   c.objective.loss_weighting = "none"         # 'none' | 'edm' (1/c_out²: unit-variance targets per noise level and channel; needs 'skip') | 'min_snr' (ddpm x0)
   c.objective.snr_range = (0.0, 5.0)          # 'min_snr': x0 weight clip(SNR_t, lo, hi); (0, 5) = Hang et al.'s min-SNR-5
-  c.objective.channel_weight_power = 0.0     # > 0 (ddpm, needs sigma_data_channels): each diffused channel's loss × (max σ / σ_c)^p, σ_c from sigma_data_channels (2 = every channel's error relative to its own scale); 0 = channels weighted equally
+  c.objective.channel_weight_power = 0.0     # > 0 (ddpm and rflow; needs sigma_data_channels): each diffused channel's loss × (max σ / σ_c)^p, σ_c from sigma_data_channels (2 = every channel's error relative to its own scale); 0 = channels weighted equally
   c.objective.sigma_data_channels = ()        # 'skip': one std per diffused channel (e.g. per Haar subband); () = sigma_data for all
   # DDPM only:
   c.objective.beta_schedule = "linear"        # 'linear' | 'scaled_linear'

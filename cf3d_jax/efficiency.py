@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cf3d_jax import memory as memory_lib
 from cf3d_jax.errors import ConfigError
@@ -51,7 +50,6 @@ PAPER_MODELS = (
     ("MAISI Linear", "configs/maisi_linear_ms.py", "res128"),
     ("MAISI RFlow", "configs/maisi_rflow_ms.py", "res128"),
 )
-CLAIMED_SAVING = 0.65   # the paper: MAISI RFlow needs 65 % less memory / compute than WDM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +66,6 @@ def compiled_cost(fn, *args) -> Cost:
   return Cost(memory_lib.compiled_flops(compiled), memory_lib.peak_bytes(compiled))
 
 
-def _abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
-
-
 def parse_model(spec: str) -> tuple[str, str, str | None]:
   """'NAME=configs/x.py[:arg]' or 'configs/x.py[:arg]' → (name, path, arg)."""
   name, _, target = spec.rpartition("=")
@@ -85,20 +79,6 @@ def _text_shape(config) -> tuple[int, int]:
   from cf3d_jax.data.prepare import table_source
   from cf3d_jax.text.table import load_table
   return tuple(load_table(table_source(config)).embeddings.shape[1:])
-
-
-def _vae(config):
-  """(VAE module, abstract params) of a latent config, checked against `config.space`."""
-  from cf3d_jax.autoencoder_train import build_vae
-  from cf3d_jax.models import autoencoder as ae_lib
-  vae = build_vae(config.autoencoder)
-  if (vae.latent_channels, vae.downsample_factor) != (config.space.latent_channels,
-                                                      config.space.downsample):
-    raise ConfigError(
-        f"config.autoencoder gives {vae.latent_channels} latent channels and downsampling "
-        f"{vae.downsample_factor}; config.space has {config.space.latent_channels} and "
-        f"{config.space.downsample}")
-  return vae, ae_lib.abstract_params(vae)
 
 
 def model_costs(config) -> dict:
@@ -129,7 +109,10 @@ def model_costs(config) -> dict:
   z1 = jax.ShapeDtypeStruct((1,) + z_shape, jnp.float32)
   encode = None
   if isinstance(space, LatentSpace):
-    vae, vae_params = _vae(config)
+    from cf3d_jax.autoencoder_train import build_space_vae
+    from cf3d_jax.models import autoencoder as ae_lib
+    vae = build_space_vae(config)
+    vae_params = ae_lib.abstract_params(vae)
     latent = dataclasses.replace(space, autoencoder=vae)
     decode = compiled_cost(lambda p, z: latent.with_params(p).decode(z), vae_params, z1)
     encode = compiled_cost(lambda p, x: latent.with_params(p).encode(x), vae_params, image)

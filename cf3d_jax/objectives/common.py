@@ -142,10 +142,12 @@ def channel_weights(sigma_data: float | tuple[float, ...], power: float
   return tuple(float(w) for w in (sd.max() / sd) ** power)
 
 
-def with_channel_weights(weight: jnp.ndarray | None, channel: tuple[float, ...] | None,
-                         like: jnp.ndarray) -> jnp.ndarray | None:
+def with_channel_weights(weight: jnp.ndarray | None, sigma_data: float | tuple[float, ...],
+                         power: float, like: jnp.ndarray) -> jnp.ndarray | None:
   """`weight` (None or broadcasting against `like` `[N, ..., C]`) times the per-channel
-  weights `[C]` (None = unchanged); ConfigError if their count is not C."""
+  weights `[C]` of `channel_weights(sigma_data, power)` (power 0 = unchanged); ConfigError if
+  their count is not C."""
+  channel = channel_weights(sigma_data, power)
   if channel is None:
     return weight
   if len(channel) != like.shape[-1]:

@@ -228,7 +228,8 @@ class DDPM:
               ancestral_variance=o["ancestral_variance"],
               loss_kind=family_default(o["loss"], "mse"), loss_weighting=o["loss_weighting"],
               snr_range=check_snr_range(o["snr_range"]),
-              channel_weight_power=float(o["channel_weight_power"]), time_sampling=o["time_sampling"],
+              channel_weight_power=float(o["channel_weight_power"]),
+              time_sampling=o["time_sampling"],
               logit_normal=tuple(float(v) for v in o["logit_normal"]))
     obj.timesteps()  # validates steps and spacing early.
     return obj
@@ -275,9 +276,8 @@ class DDPM:
            t: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (MSE by default) over all remaining axes, weighted by
     `loss_weight(t)` when a weighting is configured (then t `[N]` is required)."""
-    weight = with_channel_weights(self.loss_weight(t, target),
-                                  channel_weights(self.sigma_data, self.channel_weight_power),
-                                  target)
+    weight = with_channel_weights(self.loss_weight(t, target), self.sigma_data,
+                                  self.channel_weight_power, target)
     return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:

@@ -203,9 +203,8 @@ class RectifiedFlow:
            t: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (L1 by default, as MAISI), weighted by `loss_weight(t)` when a
     weighting is configured."""
-    weight = with_channel_weights(self.loss_weight(t, target),
-                                  channel_weights(self.sigma_data, self.channel_weight_power),
-                                  target)
+    weight = with_channel_weights(self.loss_weight(t, target), self.sigma_data,
+                                  self.channel_weight_power, target)
     return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
