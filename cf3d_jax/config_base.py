@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.sigma_data = 0.3                # data std for 'skip' (wavelet coefficients ≈ 0.3)
   c.objective.loss_weighting = "none"         # 'none' | 'edm' (1/c_out²: unit-variance targets per noise level and channel; needs 'skip') | 'min_snr' (ddpm x0)
   c.objective.snr_range = (0.0, 5.0)          # 'min_snr': x0 weight clip(SNR_t, lo, hi); (0, 5) = Hang et al.'s min-SNR-5
+  c.objective.contrast_weight = 0.0          # λ > 0 (ddpm and rflow): each position's loss × (1 + λ c / mean c), c the clean target's local contrast (squared deviation from its 3³ box mean, per channel in data stds), normalised to mean 1: small bright structures such as lesions weigh more; 0 = every position alike
+  c.objective.contrast_source = "clean"      # the volume whose local contrast sets contrast_weight's map: 'clean' (z0: the learned distribution tilts toward contrast) | 'noisy' (z_t, which the network sees: the optimum stays E[z0 | z_t], only the model's capacity moves)
+  c.objective.contrast_channels = ()         # channels whose local contrast sets contrast_weight's map (indices; () = all; (0,) = the Haar LLL subband: blobs and edges, not voxel texture)
   c.objective.channel_weight_power = 0.0     # > 0 (ddpm and rflow; needs sigma_data_channels): each diffused channel's loss × (max σ / σ_c)^p, σ_c from sigma_data_channels (2 = every channel's error relative to its own scale); 0 = channels weighted equally
   c.objective.sigma_data_channels = ()        # 'skip': one std per diffused channel (e.g. per Haar subband); () = sigma_data for all
   # DDPM only:

@@ -39,6 +39,7 @@ MODEL = STRUCTURAL + (
     "objective.preconditioning", "objective.sigma_data", "objective.sigma_data_channels",
     "objective.beta_schedule", "objective.beta_start", "objective.beta_end", "objective.loss",
     "objective.loss_weighting", "objective.snr_range", "objective.channel_weight_power",
+    "objective.contrast_weight", "objective.contrast_source", "objective.contrast_channels",
     "objective.time_sampling",
     "objective.logit_normal",
     "objective.time_shift", "objective.shift_base_numel", "objective.shift_scale",

@@ -93,7 +93,8 @@ def train_step(state: State, batch: dict[str, jax.Array], base_key: jax.Array, *
   def loss_fn(params):
     out = model.apply({"params": params}, z_t, objective.model_time(t), batch["text_emb"],
                       batch["text_mask"], train=True, rngs={"dropout": k_drop})
-    per_example = objective.loss(objective.prediction_from_output(out, z_t, t), target, t)
+    per_example = objective.loss(objective.prediction_from_output(out, z_t, t), target, t,
+                                 clean=z0, noisy=z_t)
     return parallel.global_mean(per_example, mesh, rules)
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])

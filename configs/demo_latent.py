@@ -34,6 +34,7 @@ def get_config(arg: str | None = None):
   # later additions: latents are scaled to unit std, so one sigma_data fits all channels.
   config.objective.sigma_data_channels = ()
   config.objective.loss_weighting = "none"
+  config.objective.contrast_weight = 0.0          # measured on the WDM demo only
   config.model.text_time_embedding = False
   config.model.scale_shift_norm = False
   config.text.paraphrases = True

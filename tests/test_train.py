@@ -12,10 +12,11 @@ import pytest
 from cf3d_jax import train
 
 
-@pytest.mark.parametrize("name", ["ddpm", "rflow"])
-def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config, name):
+@pytest.mark.parametrize("name, contrast", [("ddpm", 0.0), ("rflow", 0.0), ("ddpm", 0.5)])
+def test_train_step_decreases_loss_on_a_fixed_batch(smoke_config, name, contrast):
   c = smoke_config
   c.objective.name = name
+  c.objective.contrast_weight = contrast   # > 0: the step hands z0 to the contrast-weighted loss
   c.objective.preconditioning = "none"   # plain network output: the loss starts high
   model, objective, space = train.build_components(c)
   tx = optax.adam(3e-3)

@@ -47,8 +47,10 @@ class Objective(Protocol):
     """The network output `[N, ...]` as a prediction of `target` (the preconditioning)."""
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
-           t: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Per-example loss `[N]` (t `[N]` needed when a loss weighting is configured)."""
+           t: jnp.ndarray | None = None, clean: jnp.ndarray | None = None,
+           noisy: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Per-example loss `[N]` (t `[N]` needed when a loss weighting is configured; the clean
+    z0 and/or z_t `[N, ...]` when `contrast_weight` > 0)."""
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
     """The time value the network sees, float32 `[N]`."""

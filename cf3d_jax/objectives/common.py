@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, TypeVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,7 +40,8 @@ OBJECTIVE_FALLBACKS: dict[str, Any] = {
     "num_sample_steps": 0, "sampler": "default", "loss": "default", "preconditioning": "none",
     "sigma_data": 0.5, "sigma_data_channels": (), "loss_weighting": "none",
     "snr_range": (0.0, MIN_SNR_GAMMA), "ancestral_variance": "fixed_small",
-    "channel_weight_power": 0.0,
+    "channel_weight_power": 0.0, "contrast_weight": 0.0, "contrast_source": "clean",
+    "contrast_channels": (),
     "eta": 0.0, "timestep_spacing": "leading",
     "time_sampling": "uniform", "logit_normal": (0.0, 1.0), "time_shift": True,
     "shift_base_numel": 32 ** 3, "shift_scale": 1.0,
@@ -155,6 +157,71 @@ def with_channel_weights(weight: jnp.ndarray | None, sigma_data: float | tuple[f
                       f"{len(channel)} values; the diffused tensor has {like.shape[-1]} channels")
   cw = jnp.asarray(channel, jnp.float32)
   return cw if weight is None else weight * cw
+
+
+def contrast_weight_map(target: jnp.ndarray, sigma_data: float | tuple[float, ...],
+                        strength: float, channels: tuple[int, ...] = ()) -> jnp.ndarray | None:
+  """`config.objective.contrast_weight` λ → a per-position loss weight `[N, ..., 1]` from the
+  clean target `[N, *spatial, C]`: `(1 + λ c / mean(c)) / (1 + λ)` (mean 1), with
+  `c(p) = Σ_ch ((x_ch(p) − box3(x_ch)(p)) / σ_ch)²` the target's local contrast (its deviation
+  from the 3^d box mean around p, per channel in units of that channel's data std), the mean
+  over each example's positions; `channels` (indices; () = all) limits the sum Σ_ch (e.g. (0,):
+  the Haar LLL subband alone, blobs and edges without the voxel-level detail). Small bright
+  structures (lesions, edges) weigh more; flat tissue stays at about 1. The map is a constant of
+  the target (no gradient). None for λ = 0."""
+  if strength == 0:
+    return None
+  x = jax.lax.stop_gradient(target.astype(jnp.float32))
+  sd = jnp.asarray(sigma_data, jnp.float32)
+  nd = x.ndim - 2
+  window = (1,) + (3,) * nd + (1,)
+  local = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, (1,) * x.ndim, "SAME")
+  count = jax.lax.reduce_window(jnp.ones_like(x[:1, ..., :1]), 0.0, jax.lax.add, window,
+                                (1,) * x.ndim, "SAME")
+  dev = jnp.square((x - local / count) / sd)
+  if channels:
+    dev = dev[..., jnp.asarray(channels)]
+  c = jnp.sum(dev, axis=-1, keepdims=True)
+  mean = jnp.mean(c, axis=tuple(range(1, x.ndim)), keepdims=True)
+  return (1.0 + strength * c / jnp.maximum(mean, 1e-12)) / (1.0 + strength)
+
+
+def check_contrast_weight(strength: float) -> float:
+  """`config.objective.contrast_weight` λ ≥ 0."""
+  if not strength >= 0:
+    raise ConfigError(f"config.objective.contrast_weight={strength}: expected a number >= 0")
+  return float(strength)
+
+
+CONTRAST_SOURCES = ("clean", "noisy")
+
+
+def check_contrast_source(source: str) -> str:
+  """`config.objective.contrast_source`: 'clean' (the target z0: the optimum tilts toward
+  contrast) or 'noisy' (z_t, which the network sees: the optimum is unchanged, only where the
+  model's capacity goes)."""
+  return choose("contrast_source", source, dict.fromkeys(CONTRAST_SOURCES))
+
+
+def with_contrast_weights(weight: jnp.ndarray | None, clean: jnp.ndarray | None,
+                          noisy: jnp.ndarray | None, sigma_data: float | tuple[float, ...],
+                          strength: float, source: str, channels: tuple[int, ...] = ()
+                          ) -> jnp.ndarray | None:
+  """`weight` (None or broadcasting against z0 `[N, ..., C]`) times `contrast_weight_map` of the
+  clean z0 (source 'clean') or of z_t (source 'noisy'); λ = 0: unchanged. ValueError when
+  λ > 0 and that tensor is not given."""
+  if strength == 0:
+    return weight
+  x = clean if source == "clean" else noisy
+  if x is None:
+    raise ValueError(f"objective.loss: config.objective.contrast_weight > 0 weighs each position "
+                     f"by the local contrast of the {source} volume; pass "
+                     f"{'clean=z0' if source == 'clean' else 'noisy=z_t'}")
+  if channels and max(channels) >= x.shape[-1] or min(channels, default=0) < 0:
+    raise ConfigError(f"config.objective.contrast_channels={tuple(channels)}: the diffused "
+                      f"tensor has {x.shape[-1]} channels")
+  spatial = contrast_weight_map(x, sigma_data, strength, tuple(channels))
+  return spatial if weight is None else weight * spatial
 
 
 def bcast(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:

@@ -36,7 +36,10 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval,
-                                        channel_weights, with_channel_weights,
+                                        channel_weights, check_contrast_source,
+                                        check_contrast_weight,
+                                        with_channel_weights,
+                                        with_contrast_weights,
                                         check_loss_weighting, check_snr_range, choose,
                                         family_default, no_preconditioning, no_weight,
                                         objective_settings, per_example_loss,
@@ -174,6 +177,9 @@ class DDPM:
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (x0: clip(SNR, lo, hi))
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
   channel_weight_power: float = 0.0    # common.channel_weights: per-channel loss weights
+  contrast_weight: float = 0.0         # common.contrast_weight_map: per-position loss weights
+  contrast_source: str = "clean"       # ... of the clean z0 or of z_t
+  contrast_channels: tuple[int, ...] = ()   # ... summed over these channels (() = all)
   time_sampling: str = "uniform"        # TIME_SAMPLINGS: training timesteps
   logit_normal: tuple[float, float] = (0.0, 1.0)   # (loc, scale) of 'logit-normal'
   final_time = -1                       # the 'clean' end of the sampler grid (alpha_bar = 1)
@@ -191,6 +197,8 @@ class DDPM:
 
   def __post_init__(self):
     channel_weights(self.sigma_data, self.channel_weight_power)   # ConfigError early
+    check_contrast_weight(self.contrast_weight)
+    check_contrast_source(self.contrast_source)
     resolved = dict(
         _param=choose("prediction", self.prediction, PREDICTIONS),
         _precondition=choose("preconditioning", self.preconditioning, PRECONDITIONINGS),
@@ -229,6 +237,9 @@ class DDPM:
               loss_kind=family_default(o["loss"], "mse"), loss_weighting=o["loss_weighting"],
               snr_range=check_snr_range(o["snr_range"]),
               channel_weight_power=float(o["channel_weight_power"]),
+              contrast_weight=float(o["contrast_weight"]),
+              contrast_source=o["contrast_source"],
+              contrast_channels=tuple(int(c) for c in o["contrast_channels"]),
               time_sampling=o["time_sampling"],
               logit_normal=tuple(float(v) for v in o["logit_normal"]))
     obj.timesteps()  # validates steps and spacing early.
@@ -273,11 +284,16 @@ class DDPM:
     return self._weight(self, t, like)
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
-           t: jnp.ndarray | None = None) -> jnp.ndarray:
+           t: jnp.ndarray | None = None, clean: jnp.ndarray | None = None,
+           noisy: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (MSE by default) over all remaining axes, weighted by
-    `loss_weight(t)` when a weighting is configured (then t `[N]` is required)."""
+    `loss_weight(t)` when a weighting is configured (then t `[N]` is required), by the channel
+    weights, and by `contrast_weight_map` of the clean z0 `clean` or of z_t `noisy`
+    (`contrast_source`) when `contrast_weight` > 0."""
     weight = with_channel_weights(self.loss_weight(t, target), self.sigma_data,
                                   self.channel_weight_power, target)
+    weight = with_contrast_weights(weight, clean, noisy, self.sigma_data, self.contrast_weight,
+                                   self.contrast_source, self.contrast_channels)
     return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:

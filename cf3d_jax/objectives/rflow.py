@@ -34,7 +34,10 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval, bcast,
-                                        channel_weights, with_channel_weights,
+                                        channel_weights, check_contrast_source,
+                                        check_contrast_weight,
+                                        with_channel_weights,
+                                        with_contrast_weights,
                                         check_loss_weighting, check_snr_range, choose,
                                         family_default, no_preconditioning, no_weight,
                                         objective_settings, per_example_loss,
@@ -119,6 +122,9 @@ class RectifiedFlow:
   loss_weighting: str = "none"          # 'none' | 'edm' (1/c_out²) | 'min_snr' (clip(SNR, lo, hi)·s²)
   snr_range: tuple[float, float] = (0.0, MIN_SNR_GAMMA)  # (lo, hi) of 'min_snr'
   channel_weight_power: float = 0.0    # common.channel_weights: per-channel loss weights
+  contrast_weight: float = 0.0         # common.contrast_weight_map: per-position loss weights
+  contrast_source: str = "clean"       # ... of the clean z0 or of z_t
+  contrast_channels: tuple[int, ...] = ()   # ... summed over these channels (() = all)
   final_time = 0.0
   # Resolved from the names above in __post_init__:
   _ode_step: Callable[..., jnp.ndarray] = dataclasses.field(init=False, repr=False,
@@ -131,6 +137,8 @@ class RectifiedFlow:
 
   def __post_init__(self):
     channel_weights(self.sigma_data, self.channel_weight_power)   # ConfigError early
+    check_contrast_weight(self.contrast_weight)
+    check_contrast_source(self.contrast_source)
     resolved = dict(
         _ode_step=choose("sampler", self.sampler, SAMPLERS, family="rflow"),
         _draw_s=choose("time_sampling", self.time_sampling, TIME_SAMPLINGS),
@@ -164,7 +172,10 @@ class RectifiedFlow:
               logit_normal=(loc, scale), ratio=ratio, preconditioning=o["preconditioning"],
               sigma_data=sigma_data_from_settings(o), loss_kind=family_default(o["loss"], "l1"),
               loss_weighting=o["loss_weighting"], snr_range=check_snr_range(o["snr_range"]),
-              channel_weight_power=float(o["channel_weight_power"]))
+              channel_weight_power=float(o["channel_weight_power"]),
+              contrast_weight=float(o["contrast_weight"]),
+              contrast_source=o["contrast_source"],
+              contrast_channels=tuple(int(c) for c in o["contrast_channels"]))
     obj.timesteps()  # validates the step count early.
     return obj
 
@@ -200,11 +211,15 @@ class RectifiedFlow:
     return self._weight(self, t, like)
 
   def loss(self, prediction: jnp.ndarray, target: jnp.ndarray,
-           t: jnp.ndarray | None = None) -> jnp.ndarray:
+           t: jnp.ndarray | None = None, clean: jnp.ndarray | None = None,
+           noisy: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (L1 by default, as MAISI), weighted by `loss_weight(t)` when a
-    weighting is configured."""
+    weighting is configured, by the channel weights, and by `contrast_weight_map` of the clean
+    z0 `clean` when `contrast_weight` > 0."""
     weight = with_channel_weights(self.loss_weight(t, target), self.sigma_data,
                                   self.channel_weight_power, target)
+    weight = with_contrast_weights(weight, clean, noisy, self.sigma_data, self.contrast_weight,
+                                   self.contrast_source, self.contrast_channels)
     return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:

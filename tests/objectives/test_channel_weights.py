@@ -14,6 +14,7 @@ SIGMAS = (0.81, 0.166, 0.157, 0.096, 0.177, 0.096, 0.101, 0.083)   # the demo's 
 def _demo(power, **objective):
   c = load_config_file("configs/demo.py")
   c.objective.channel_weight_power = power
+  c.objective.contrast_weight = 0.0          # the demo's contrast map: tested on its own
   for k, v in objective.items():
     setattr(c.objective, k, v)
   return c
