@@ -2,7 +2,8 @@
 
 Run:  python -m cf3d_jax.main --config=configs/demo.py --workdir=runs/demo --mode=all
 The MS demo trains the showcase's recipe for 2,400 steps with its batch split over the CPU cores
-(mesh.cpu_devices = -1; 7.7 min on 2 idle cores, measured) and samples w = 1, 4, 6.
+(mesh.cpu_devices = -1; 7.7 min on 2 idle cores, measured), with the contrast-weighted loss
+(objective.contrast_weight), and samples w = 1, 1.5, 2.
 Variants (comma-separated): 'smoke' (used by the tests) shrinks it further
 (--config=configs/demo.py:smoke); 'adni' switches to AD T1 phantoms with CN/MCI/AD prompts
 (--config=configs/demo.py:adni, 900 steps, token-level text); 'long' trains 3,600 steps;
@@ -78,10 +79,10 @@ def get_config(arg: str | None = None):
   config.eval.ms_ssim_scales = 4
   config.eval.diversity_pairs = 200
   # The MS demo is the showcase's recipe (below) stopped at 2,400 steps: logit-normal training
-  # times, the pooled text table, contrastive guidance at low noise. Over seeds 0, 1, 2 it put
-  # 67 % of the volumes in their class at w = 4 and at w = 6, every noise ordered, where the
-  # 900-step token-table demo of 2026-12-06 put 25-33 % on this machine at any w
-  # (docs/results.md, "The 10-minute demo on both cores"). Token-level text
+  # times, the pooled text table, contrastive guidance at low noise, plus the contrast-weighted
+  # loss below. Without that loss it put 67 % of the volumes in their class at w = 4 and at
+  # w = 6 over seeds 0, 1, 2 (docs/results.md, "The 10-minute demo on both cores"); the
+  # 900-step token-table demo of 2026-12-06 put 25-33 % on this machine at any w. Token-level text
   # (builtin:ms_minilm_tokens) stays one override away; at 900 steps it landed 10 of 12 on one
   # machine and 2 of 12 on another ("Token-level text").
   if not {"smoke", "showcase", "adni"} & set(variants):
@@ -91,11 +92,12 @@ def get_config(arg: str | None = None):
     config.sample.guidance_interval = (0.0, 0.3)
     # Each position's loss weighted by the clean volume's local contrast (objective.contrast_weight):
     # the model draws its lesions at their brightness, where the unweighted loss left them as
-    # faint smudges that only strong guidance pushed over the rule's threshold. On 24 noises of
-    # seed 0: 86 % in class at w = 1.5 (unweighted: 67 % at w = 6 over three seeds), 36 dB
-    # outside the WM (docs/results.md, "Contrast-weighted loss"). λ = 0.5 overshoots: "moderate"
-    # lands at 23 mL without guidance, "minimal" at 7 mL.
-    config.objective.contrast_weight = 0.25
+    # faint smudges that only strong guidance (w = 4-6) pushed over the rule's threshold. Over
+    # seeds 0, 1, 2: 89 % of the volumes in their prompted class at w = 2 (100 / 83 / 83 %),
+    # every noise ordered, 35 dB outside the WM; unweighted: 67 % at w = 6, 29.6 dB
+    # (docs/results.md, "Contrast-weighted loss"). λ = 0.25 draws brighter and overshoots on two
+    # seeds of three (75 % at w = 1.5); λ ≥ 0.5 adds texture.
+    config.objective.contrast_weight = 0.15
     config.sample.guidance_scales = (1.0, 1.5, 2.0)
     # The batch over both cores of a 2-core machine: 5.6 instead of 4.4 steps/s here
     # (docs/benchmarks.md); set 0 for one CPU device.
