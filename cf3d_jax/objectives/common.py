@@ -224,6 +224,31 @@ def with_contrast_weights(weight: jnp.ndarray | None, clean: jnp.ndarray | None,
   return spatial if weight is None else weight * spatial
 
 
+def contrast_settings(o: Mapping[str, Any]) -> dict[str, Any]:
+  """The contrast-weight fields of an objective from `objective_settings(cfg)` (checked by the
+  objective's `__post_init__` through `check_extra_weights`)."""
+  return dict(contrast_weight=float(o["contrast_weight"]), contrast_source=o["contrast_source"],
+              contrast_channels=tuple(int(c) for c in o["contrast_channels"]))
+
+
+def check_extra_weights(obj) -> None:
+  """ConfigError early for an objective's bad per-channel or contrast weight settings."""
+  channel_weights(obj.sigma_data, obj.channel_weight_power)
+  check_contrast_weight(obj.contrast_weight)
+  check_contrast_source(obj.contrast_source)
+
+
+def extra_loss_weights(obj, weight: jnp.ndarray | None, like: jnp.ndarray,
+                       clean: jnp.ndarray | None, noisy: jnp.ndarray | None
+                       ) -> jnp.ndarray | None:
+  """`weight` (an objective's noise-level weight, or None) times its per-channel weights
+  (`channel_weight_power`) and its per-position contrast weights (`contrast_weight`), as the
+  DDPM and rectified-flow losses apply them; `like` is the target `[N, ..., C]`."""
+  weight = with_channel_weights(weight, obj.sigma_data, obj.channel_weight_power, like)
+  return with_contrast_weights(weight, clean, noisy, obj.sigma_data, obj.contrast_weight,
+                               obj.contrast_source, obj.contrast_channels)
+
+
 def bcast(values: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
   """`[N]` → `[N, 1, …, 1]` with like's rank and dtype."""
   return values.reshape(values.shape + (1,) * (like.ndim - values.ndim)).astype(like.dtype)

@@ -36,10 +36,8 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval,
-                                        channel_weights, check_contrast_source,
-                                        check_contrast_weight,
-                                        with_channel_weights,
-                                        with_contrast_weights,
+                                        check_extra_weights, contrast_settings,
+                                        extra_loss_weights,
                                         check_loss_weighting, check_snr_range, choose,
                                         family_default, no_preconditioning, no_weight,
                                         objective_settings, per_example_loss,
@@ -196,9 +194,7 @@ class DDPM:
                                                              compare=False)
 
   def __post_init__(self):
-    channel_weights(self.sigma_data, self.channel_weight_power)   # ConfigError early
-    check_contrast_weight(self.contrast_weight)
-    check_contrast_source(self.contrast_source)
+    check_extra_weights(self)   # channel and contrast weights: ConfigError early
     resolved = dict(
         _param=choose("prediction", self.prediction, PREDICTIONS),
         _precondition=choose("preconditioning", self.preconditioning, PRECONDITIONINGS),
@@ -237,9 +233,7 @@ class DDPM:
               loss_kind=family_default(o["loss"], "mse"), loss_weighting=o["loss_weighting"],
               snr_range=check_snr_range(o["snr_range"]),
               channel_weight_power=float(o["channel_weight_power"]),
-              contrast_weight=float(o["contrast_weight"]),
-              contrast_source=o["contrast_source"],
-              contrast_channels=tuple(int(c) for c in o["contrast_channels"]),
+              **contrast_settings(o),
               time_sampling=o["time_sampling"],
               logit_normal=tuple(float(v) for v in o["logit_normal"]))
     obj.timesteps()  # validates steps and spacing early.
@@ -290,10 +284,7 @@ class DDPM:
     `loss_weight(t)` when a weighting is configured (then t `[N]` is required), by the channel
     weights, and by `contrast_weight_map` of the clean z0 `clean` or of z_t `noisy`
     (`contrast_source`) when `contrast_weight` > 0."""
-    weight = with_channel_weights(self.loss_weight(t, target), self.sigma_data,
-                                  self.channel_weight_power, target)
-    weight = with_contrast_weights(weight, clean, noisy, self.sigma_data, self.contrast_weight,
-                                   self.contrast_source, self.contrast_channels)
+    weight = extra_loss_weights(self, self.loss_weight(t, target), target, clean, noisy)
     return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:

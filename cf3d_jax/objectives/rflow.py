@@ -34,10 +34,8 @@ import numpy as np
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.objectives.common import (LOSSES, MIN_SNR_GAMMA, ClipFn, ErrorFn, ModelEval, bcast,
-                                        channel_weights, check_contrast_source,
-                                        check_contrast_weight,
-                                        with_channel_weights,
-                                        with_contrast_weights,
+                                        check_extra_weights, contrast_settings,
+                                        extra_loss_weights,
                                         check_loss_weighting, check_snr_range, choose,
                                         family_default, no_preconditioning, no_weight,
                                         objective_settings, per_example_loss,
@@ -136,9 +134,7 @@ class RectifiedFlow:
   _weight: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    channel_weights(self.sigma_data, self.channel_weight_power)   # ConfigError early
-    check_contrast_weight(self.contrast_weight)
-    check_contrast_source(self.contrast_source)
+    check_extra_weights(self)   # channel and contrast weights: ConfigError early
     resolved = dict(
         _ode_step=choose("sampler", self.sampler, SAMPLERS, family="rflow"),
         _draw_s=choose("time_sampling", self.time_sampling, TIME_SAMPLINGS),
@@ -173,9 +169,7 @@ class RectifiedFlow:
               sigma_data=sigma_data_from_settings(o), loss_kind=family_default(o["loss"], "l1"),
               loss_weighting=o["loss_weighting"], snr_range=check_snr_range(o["snr_range"]),
               channel_weight_power=float(o["channel_weight_power"]),
-              contrast_weight=float(o["contrast_weight"]),
-              contrast_source=o["contrast_source"],
-              contrast_channels=tuple(int(c) for c in o["contrast_channels"]))
+              **contrast_settings(o))
     obj.timesteps()  # validates the step count early.
     return obj
 
@@ -215,11 +209,8 @@ class RectifiedFlow:
            noisy: jnp.ndarray | None = None) -> jnp.ndarray:
     """Per-example loss `[N]` (L1 by default, as MAISI), weighted by `loss_weight(t)` when a
     weighting is configured, by the channel weights, and by `contrast_weight_map` of the clean
-    z0 `clean` when `contrast_weight` > 0."""
-    weight = with_channel_weights(self.loss_weight(t, target), self.sigma_data,
-                                  self.channel_weight_power, target)
-    weight = with_contrast_weights(weight, clean, noisy, self.sigma_data, self.contrast_weight,
-                                   self.contrast_source, self.contrast_channels)
+    z0 `clean` or of z_t `noisy` (`contrast_source`) when `contrast_weight` > 0."""
+    weight = extra_loss_weights(self, self.loss_weight(t, target), target, clean, noisy)
     return per_example_loss(prediction, target, self._error, weight)
 
   def model_time(self, t: jnp.ndarray) -> jnp.ndarray:
