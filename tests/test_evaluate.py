@@ -1,9 +1,7 @@
 """--mode=train_classifier and --mode=evaluate at toy size: every Table 1/2 column is produced."""
 
-import json
 import os
 
-import numpy as np
 import pytest
 
 from cf3d_jax import config_base
@@ -42,58 +40,8 @@ def test_prompt_class_and_ms_ssim_settings():
     ms_ssim_settings(c, (32, 32, 32))
 
 
-def test_train_classifier_then_evaluate(tmp_path):
-  from cf3d_jax.modes import run
-  c = _tiny()
-  workdir = str(tmp_path)
-  run(c, workdir, "prepare")
-  run(c, workdir, "train")
-  run(c, workdir, "train_classifier")
-  meta = json.load(open(tmp_path / "classifier" / "classifier.json"))
-  assert meta["classes"] == ["minimal", "moderate", "high"] and meta["block_config"] == [2, 2]
-  assert 0 <= meta["test_accuracy"] <= 1 and meta["step"] in (1, 2)
-  run(c, workdir, "evaluate")
-  result = json.load(open(tmp_path / "eval" / "results.json"))
-  assert [row["guidance_scale"] for row in result["scales"]] == [1.0, 3.0]
-  assert 0 <= result["classifier"]["real_accuracy"] <= 1
-  assert result["fid_floor"] >= 0 and result["num_real_train"] > 0
-  for row in result["scales"]:
-    assert row["fid"] >= 0 and np.isfinite(row["fid"])
-    assert -1 <= row["ms_ssim_diversity"] <= 1 and -1 <= row["ms_ssim_preservation"] <= 1
-    assert not np.isnan(row["psnr_preservation"])   # +inf if a 2-step model ignores the text
-    assert 0 <= row["alignment"] <= 1 and 0 <= row["alignment_all"] <= 1
-    gt = row["ground_truth"]
-    assert gt["stat"] == "lesion_volume_ml" and set(gt["mean"]) == set(result["prompts"])
-    assert all(0 <= v <= 1 for v in gt["class_hit_rate"].values())
-    assert gt["psnr_outside_wm"] > 0
-    assert row["fid_vs_floor"] is None or row["fid_vs_floor"] >= 0
-  md = open(tmp_path / "eval" / "results.md").read()
-  assert "## Table 1" in md and "## Table 2" in md and "| 3 |" in md
-  assert os.path.getsize(tmp_path / "eval" / "guidance.png") > 1000
-  assert "calibrated" not in result
-
-  # With sample.calibrate: the calibrated set on the same evaluation noises, each prompt at the
-  # scale --mode=calibrate chose; refused before decoding while no calibration exists.
-  c.sample.calibrate = True
-  c.sample.calibration_scales = (1.0, 3.0)
-  c.sample.calibration_noises = 2
-  with pytest.raises(ConfigError, match="calibration.json: no calibration"):
-    run(c, workdir, "evaluate")
-  run(c, workdir, "calibrate")
-  chosen = json.load(open(tmp_path / "calibration.json"))["chosen_scale"]
-  run(c, workdir, "evaluate")
-  again = json.load(open(tmp_path / "eval" / "results.json"))
-  cal = again["calibrated"]
-  assert cal["chosen_scale"] == chosen and cal["num_noises"] == 2
-  assert cal["fid"] >= 0 and 0 <= cal["alignment"] <= 1
-  assert set(cal["ground_truth"]["mean"]) == set(result["prompts"])
-  # Each prompt at its chosen w measures as that prompt in the sweep's row for that w (the same
-  # evaluation noises and sampler keys; the volumes may differ by float rounding in the batches).
-  by_w = {row["guidance_scale"]: row["ground_truth"]["mean"] for row in again["scales"]}
-  for p, w in chosen.items():
-    assert cal["ground_truth"]["mean"][p] == pytest.approx(by_w[w][p], abs=0.5)
-  md = open(tmp_path / "eval" / "results.md").read()
-  assert "## Calibrated guidance" in md and "| calibrated |" in md
+# `--mode=train_classifier`, `--mode=evaluate` (every Table 1 / Table 2 column) and the calibrated
+# set run end to end in tests/test_reproduce.py, inside the reproduce command's smoke run.
 
 
 def test_results_markdown_sorts_the_sweep_and_keeps_table1_first():
