@@ -111,12 +111,13 @@ class LossSettings:
   adversarial_weight: float = 0.1
   patch_shape: tuple[int, ...] = ()
   ema_decay: float = 0.0
+  contrast_weight: float = 0.0
 
   @classmethod
   def from_config(cls, ac) -> "LossSettings":
     return cls(float(ac.learning_rate), float(ac.kl_weight), float(ac.perceptual_weight),
                float(ac.adversarial_weight), tuple(int(p) for p in ac.patch_shape),
-               float(ac.ema_decay))
+               float(ac.ema_decay), float(ac.contrast_weight))
 
 
 def make_optimizers(settings: LossSettings
@@ -160,6 +161,18 @@ def check_config(config) -> None:
 def l1_loss(reconstruction: Array, target: Array) -> Array:
   """Mean |x̂ − x| over all voxels and items (MAISI's `L1Loss(reduction='mean')`)."""
   return jnp.mean(jnp.abs(reconstruction - target))
+
+
+def contrast_l1_loss(reconstruction: Array, target: Array, strength: float) -> Array:
+  """`config.autoencoder.contrast_weight` λ: mean of `w · |x̂ − x|` with `w` the target's local
+  contrast weight (`objectives.common.contrast_weight_map`, mean 1 per volume, in units of the
+  target's own std): a few-voxel lesion, which plain L1 lets the decoder blur into its
+  surroundings, weighs up to (1 + λ c/mean c)/(1 + λ) times a flat voxel. λ = 0: `l1_loss`."""
+  from cf3d_jax.objectives.common import contrast_weight_map
+  weight = contrast_weight_map(target, 1.0, strength)
+  if weight is None:
+    return l1_loss(reconstruction, target)
+  return jnp.mean(weight * jnp.abs(reconstruction - target))
 
 
 def kl_loss(mean: Array, logvar: Array) -> Array:
@@ -325,7 +338,9 @@ def train_step(state: State, volume: Array, base_key: Array, perceptual_variable
     recon, mean, logvar = model.apply({"params": params}, x, k_latent)
     terms = {"l1": l1_loss(recon, x), "kl": kl_loss(mean, logvar), "perceptual": zero,
              "generator_adversarial": zero}
-    loss = terms["l1"] + settings.kl_weight * terms["kl"]
+    reconstruction = (terms["l1"] if settings.contrast_weight == 0 else
+                      contrast_l1_loss(recon, x, settings.contrast_weight))
+    loss = reconstruction + settings.kl_weight * terms["kl"]
     if use_perceptual:
       terms["perceptual"] = perceptual_loss(perceptual, perceptual_variables, recon, x)
       loss = loss + settings.perceptual_weight * terms["perceptual"]
@@ -373,16 +388,52 @@ def _reconstruct(model: ae_lib.AutoencoderKL, params: Any, x: Array) -> Array:
   return model.apply({"params": params}, x)[0]   # decodes the posterior mean
 
 
+ROUND_TRIP_TOLERANCE_ML = 2.0   # issue 17: the round trip keeps the lesion load within 2 mL
+
+
 def evaluate_reconstruction(model: ae_lib.AutoencoderKL, params: Any, volumes: np.ndarray,
-                            batch_size: int) -> dict[str, float]:
-  """Mean L1 and PSNR (dB, data range 2) of `volumes [N, D, H, W, 1]` reconstructed from μ."""
-  l1, db = [], []
+                            batch_size: int, rule=None) -> dict[str, Any]:
+  """Mean L1 and PSNR (dB, data range 2) of `volumes [N, D, H, W, 1]` reconstructed from μ.
+
+  With a phantom `rule` (`metrics.phantom.PhantomRule` on the volumes' grid), also the ground
+  truth through encode → decode: the rule's measurement (lesion or ventricle mL) of each input
+  and of its reconstruction, their mean absolute difference, the largest, and the fraction of
+  volumes within `ROUND_TRIP_TOLERANCE_ML`.
+  """
+  l1, db, before, after = [], [], [], []
   for i in range(0, len(volumes), batch_size):
     x = jnp.asarray(volumes[i:i + batch_size], jnp.float32)
     recon = _reconstruct(model, params, x)
     l1.extend(np.asarray(jnp.mean(jnp.abs(recon - x), axis=(1, 2, 3, 4))).tolist())
     db.extend(np.asarray(psnr(recon, x, DATA_RANGE)).tolist())
-  return {"l1": float(np.mean(l1)), "psnr": float(np.mean(db)), "num_volumes": len(volumes)}
+    if rule is not None:
+      before.extend(rule.measure(v) for v in np.asarray(x))
+      after.extend(rule.measure(v) for v in np.asarray(recon))
+  out: dict[str, Any] = {"l1": float(np.mean(l1)), "psnr": float(np.mean(db)),
+                         "num_volumes": len(volumes)}
+  if rule is not None and before:
+    change = np.asarray(after) - np.asarray(before)
+    out["ground_truth"] = {
+        "stat": rule.stat, "input": [round(v, 3) for v in before],
+        "reconstruction": [round(v, 3) for v in after],
+        "mean_abs_change": float(np.mean(np.abs(change))),
+        "max_abs_change": float(np.max(np.abs(change))),
+        "mean_change": float(np.mean(change)),
+        "within_tolerance": float(np.mean(np.abs(change) <= ROUND_TRIP_TOLERANCE_ML)),
+        "tolerance": ROUND_TRIP_TOLERANCE_ML}
+  return out
+
+
+def round_trip_rule(config, workdir: str, shape: tuple[int, ...]):
+  """The phantom rule for held-out volumes of `shape` (D, H, W), or None: real scans (no
+  `WORKDIR/data/reference`) or a crop (`autoencoder.eval_shape`) that is not the rule's grid."""
+  from cf3d_jax.data import phantom_reference
+  from cf3d_jax.metrics import phantom as phantom_lib
+  reference = phantom_reference.find_reference(Workdir(workdir).reference)
+  if reference is None or tuple(reference.shape) != tuple(shape):
+    return None
+  return phantom_lib.PhantomRule.build(config.data.dataset, reference,
+                                       config.eval.lesion_threshold)
 
 
 def held_out_volumes(config, data_dir: str, index: dict) -> np.ndarray:
@@ -489,7 +540,8 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
                                    ae_lib.autoencoder_hparams(model), overwrite=True)
   volumes = held_out_volumes(config, wd.records, index)
   if len(volumes):
-    val = evaluate_reconstruction(model, params, volumes, int(ac.batch_size))
+    rule = round_trip_rule(config, workdir, volumes.shape[1:4])
+    val = evaluate_reconstruction(model, params, volumes, int(ac.batch_size), rule)
   else:
     logging.warning("autoencoder: the val split is empty; no held-out metrics")
     val = None
@@ -499,7 +551,14 @@ def train_autoencoder(config, workdir: str) -> dict[str, Any]:
              "eval_shape": list(volumes.shape[1:4]) if len(volumes) else None}
   write_text(os.path.join(out_dir, METRICS_NAME), json.dumps(summary, indent=1) + "\n")
   writer.write_scalars(step, {f"val_{k}": v for k, v in (val or {}).items()
-                              if k != "num_volumes"})
+                              if k not in ("num_volumes", "ground_truth")})
   writer.flush()
-  logging.info("autoencoder: step %d, val %s → %s", step, val, vae_dir)
+  logging.info("autoencoder: step %d, val %s → %s", step,
+               {k: v for k, v in (val or {}).items() if k != "ground_truth"}, vae_dir)
+  gt = (val or {}).get("ground_truth")
+  if gt is not None:
+    logging.info("autoencoder: round trip of %d held-out phantoms: %s changes by %.2f on average "
+                 "(largest %.2f); %.0f %% within %g", len(gt["input"]), gt["stat"],
+                 gt["mean_abs_change"], gt["max_abs_change"], 100 * gt["within_tolerance"],
+                 gt["tolerance"])
   return summary

@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.autoencoder.batch_size = 1                # patches per step (MAISI: 1)
   c.autoencoder.learning_rate = 1e-4          # Adam, generator and discriminator alike (MAISI)
   c.autoencoder.kl_weight = 1e-7              # × KL(q(z|x) ‖ N(0, I)) (MAISI)
+  c.autoencoder.contrast_weight = 0.0         # λ: L1 weighted by the input's local contrast (small bright structures count more); 0 = MAISI's plain L1
   # Perceptual term: MAISI's squeeze-net LPIPS weights cannot be downloaded here, so we use
   # MedicalNet 3D ResNet features (normalised differences of its four stages) instead.
   c.autoencoder.perceptual_weight = 0.3       # × perceptual distance (MAISI's weight)

@@ -149,6 +149,7 @@ RANGES: dict[str, Rule] = {
     "autoencoder.batch_size": _POS_INT,
     "autoencoder.learning_rate": _POS,
     "autoencoder.kl_weight": _NONNEG,
+    "autoencoder.contrast_weight": _NONNEG,
     "autoencoder.perceptual_weight": _NONNEG,
     "autoencoder.perceptual_network": _TEXT,
     "autoencoder.adversarial_weight": _NONNEG,

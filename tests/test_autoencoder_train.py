@@ -78,6 +78,15 @@ def _train_volumes(config, workdir, split="train"):
   return np.stack([r["volume"] for r in read_records(data_dir, index, entries)])
 
 
+def dict_with(section, **values):
+  """A copy of a config section with `values` set."""
+  out = section.copy_and_resolve_references()
+  with out.unlocked():
+    for k, v in values.items():
+      out[k] = v
+  return out
+
+
 def _step(smoke_fixture, state, volume, adversarial, key=0, donate=False):
   _, model, disc, settings, _, net, variables = smoke_fixture
   return at.jit_train_step(state if donate else _copy(state), jnp.asarray(volume),
@@ -103,6 +112,29 @@ def test_losses_match_float64_numpy():
                              np.mean(np.abs(real - fake)), rtol=1e-5)
   # The KL of the prior itself is zero.
   assert float(at.kl_loss(jnp.zeros((1, 2, 2, 2, 4)), jnp.zeros((1, 2, 2, 2, 4)))) == 0.0
+
+
+def test_contrast_weighted_l1_matches_the_float64_oracle_and_weighs_a_lesion():
+  """autoencoder.contrast_weight λ: mean of w · |x̂ − x|, w = (1 + λ c / mean c) / (1 + λ),
+  c = (x − box3 mean over the in-volume neighbours)² (the volume's own units)."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(scale=0.05, size=(2, 6, 5, 4, 1))
+  x[0, 2, 2, 1, 0] += 1.0                       # a one-voxel "lesion"
+  recon = x + rng.normal(scale=0.1, size=x.shape)
+  lam = 2.0
+  n, d, h, w, _ = x.shape
+  local = np.zeros_like(x)
+  for i, j, k in np.ndindex(d, h, w):
+    local[:, i, j, k] = x[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2,
+                          max(k - 1, 0):k + 2].mean((1, 2, 3))
+  c = (x - local) ** 2
+  weight = (1 + lam * c / c.mean((1, 2, 3, 4), keepdims=True)) / (1 + lam)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = float(at.contrast_l1_loss(f32(recon), f32(x), lam))
+  np.testing.assert_allclose(got, np.mean(weight * np.abs(recon - x)), rtol=2e-5)
+  assert weight[0, 2, 2, 1, 0] > 10 * np.median(weight[0])     # the lesion voxel counts most
+  assert float(at.contrast_l1_loss(f32(recon), f32(x), 0.0)) == float(at.l1_loss(f32(recon),
+                                                                                  f32(x)))
 
 
 def test_random_crop_takes_blocks_of_the_volume():
@@ -176,6 +208,18 @@ def test_adversarial_terms_exactly_off_before_warmup_and_on_after(smoke, prepare
                                                       jax.tree.leaves(on2["params"])))
   # Same l1/KL draws with and without the adversary: only the adversarial term differs.
   assert float(m_on["l1"]) == float(m_off["l1"]) and float(m_on["kl"]) == float(m_off["kl"])
+
+  # autoencoder.contrast_weight: the reconstruction term of the loss becomes the weighted L1 of
+  # the same reconstruction (the reported l1 stays the plain one).
+  _, model, disc, _, _, net, variables = smoke
+  weighted = at.LossSettings.from_config(dict_with(config.autoencoder, contrast_weight=4.0))
+  assert weighted.contrast_weight == 4.0
+  _, m_w = at.jit_train_step(_copy(state), jnp.asarray(volume), jax.random.key(0), variables,
+                             model=model, disc=disc, perceptual=net, settings=weighted,
+                             adversarial=False)
+  assert float(m_w["l1"]) == pytest.approx(float(m_off["l1"]), rel=1e-6)
+  assert float(m_w["loss"]) - weights.kl_weight * float(m_w["kl"]) != pytest.approx(
+      float(m_w["l1"]), rel=1e-3)
 
 
 def test_train_step_decreases_the_loss_on_phantoms(smoke, prepared):
@@ -297,6 +341,13 @@ def test_mode_end_to_end_and_resume_equals_uninterrupted(smoke, prepared, tmp_pa
   assert metrics["step"] == 4 and metrics["val"]["num_volumes"] >= 1
   assert np.isfinite(metrics["val"]["psnr"]) and 0 < metrics["val"]["l1"] < 2
   assert metrics["perceptual_network"] is None
+  # The ground truth through encode → decode on the held-out phantoms (the lesion rule).
+  gt = metrics["val"]["ground_truth"]
+  assert gt["stat"] == "lesion_volume_ml" and len(gt["input"]) == metrics["val"]["num_volumes"]
+  change = np.asarray(gt["reconstruction"]) - np.asarray(gt["input"])
+  assert gt["mean_abs_change"] == pytest.approx(np.mean(np.abs(change)), abs=2e-3)
+  assert gt["within_tolerance"] == pytest.approx(np.mean(np.abs(change) <= 2.0), abs=1e-9)
+  assert max(gt["input"]) > 0                     # the held-out phantoms carry lesions
   # The warm-up switch in the loop: no discriminator update in steps 1-2, two in steps 3-4.
   abstract = at.abstract_state(model, disc, settings)
   assert _restore_counts(full, 2, abstract) == (2, 0)
