@@ -153,7 +153,8 @@ def test_missing_evaluations_leave_empty_cells(tmp_path):
   assert "| WDM | — | — |" in reproduce.results_markdown(res)
 
 
-def test_the_command_on_the_smoke_budget_end_to_end_resumed_then_calibrated(tmp_path):
+def test_the_command_on_the_smoke_budget_end_to_end_resumed_then_calibrated(tmp_path, monkeypatch,
+                                                                             capsys):
   """One dataset and one model of the smoke budget, run as a user would (the CLI): every Table 1
   and Table 2 column of `--mode=evaluate`; a second run finds every stage finished; then
   `--mode=calibrate` in the same workdir adds the calibrated set to the evaluation."""
@@ -197,9 +198,11 @@ def test_the_command_on_the_smoke_budget_end_to_end_resumed_then_calibrated(tmp_
   assert "calibrated" not in result
 
   # Resumed: every stage was recorded, nothing reruns; bad names are refused before anything.
-  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("done earlier") == 3
+  monkeypatch.setattr("cf3d_jax.modes.run", lambda *a: pytest.fail(f"reran {a[1:]}"))
+  again = reproduce.reproduce("smoke", workdir, ["ms"], ["wdm"])
+  assert capsys.readouterr().out.count("done earlier") == 3
+  assert again["table1"] == res["table1"] and again["stages"] == res["stages"]
+  monkeypatch.undo()
   with pytest.raises(ConfigError, match="brats"):
     reproduce.reproduce("smoke", workdir, ["brats"], ["wdm"])
 
