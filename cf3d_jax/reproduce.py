@@ -108,14 +108,15 @@ def plan(budget: str, workdir: str, datasets: Sequence[str] = DATASETS,
       raise ConfigError(f"--models: {m!r} is not one of {MODELS}")
   if not datasets or not models:
     raise ConfigError("--datasets and --models: give at least one of each")
-  stages = []
+  stages, workdir = [], os.path.abspath(workdir)
   for dataset in DATASETS:
     if dataset not in datasets:
       continue
     root = os.path.join(workdir, dataset)
     chosen = [m for m in MODELS if m in models]
     # The alignment classifier of the dataset, trained once on the phantoms of the first model
-    # (WDM when it runs: every config draws its phantoms by the same rule and seed).
+    # (WDM when it runs). The latent demo draws larger lesions than the WDM demo: the classifier
+    # then scores the MAISI volumes on the WDM phantoms' classes (docs/reproduce.md).
     classifier_dir = os.path.join(root, chosen[0], "classifier")
     vae_dir = os.path.join(root, "maisi_linear", "autoencoder", "vae")
     configs = {}
