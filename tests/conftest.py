@@ -39,11 +39,11 @@ def _fast_compiles() -> None:
 _fast_compiles()
 
 
-# The files that take longest (seconds of one xdist worker on 2 idle cores, 2026-12-07), run
+# The files that take longest (seconds of one xdist worker on 2 idle cores, 2026-12-08), run
 # first: README's `pytest -n 2 --dist loadfile` hands each worker whole files in collection
 # order, so a long file collected last would run alone at the end while the other worker idles.
 # Longest first lets the two workers finish together (an order only: every test still runs).
-SLOW_FILES = ("test_main.py", "test_benchmark.py", "test_train.py", "test_multihost.py",
+SLOW_FILES = ("test_reproduce.py", "test_main.py", "test_benchmark.py", "test_train.py", "test_multihost.py",
               "test_parallel.py", "test_reliability.py", "test_latent.py", "test_notebook.py",
               "test_curve.py", "models/test_unet.py", "test_autoencoder_train.py",
               "models/test_densenet3d.py", "test_evaluate.py", "test_seeds.py")
