@@ -17,6 +17,9 @@ For every guidance scale of `config.eval.guidance_scales` (the first is Table 1'
      baseline (same noise), averaged over counterfactual prompts and subjects.
    - `alignment`: accuracy of the text-alignment classifier (`--mode=train_classifier`) on the
      counterfactuals, the label being the prompt's class; and `alignment_all` over every volume.
+   - `texture`: the generated volumes' Haar detail-subband energy over the real volumes'
+     (`metrics.texture`): 1 = the data's fine texture (acquisition noise included), above 1 =
+     texture the data lacks, below 1 = smoother; `total` and `per_subband`.
    - phantoms: the measurement rule of `metrics.lesion` (MS) or `metrics.ventricles` (AD) per
      volume: mean per prompt, mean change factual → counterfactual, and for MS the fraction of
      volumes whose measured lesion volume falls in the prompt's class range (the counterfactual
@@ -53,6 +56,7 @@ from cf3d_jax.generate import SAMPLE_STREAM, generate, sampler_on_mesh, sampling
 from cf3d_jax.metrics import fid as fid_lib
 from cf3d_jax.metrics import image as image_lib
 from cf3d_jax.metrics import phantom as phantom_lib
+from cf3d_jax.metrics import texture as texture_lib
 from cf3d_jax.text import prompts as prompt_lib
 from cf3d_jax.workdir import Workdir
 
@@ -214,6 +218,7 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
       row["alignment"] = float(ok[:, 1:][:, keep[1:]].mean()) if keep[1:].any() else float("nan")
       row["alignment_all"] = float(ok[:, keep].mean())
     row["fid_vs_floor"] = row["fid"] / result["fid_floor"] if result["fid_floor"] > 0 else None
+    row["texture"] = texture_lib.detail_energy_ratio(flat, real, bsz)
     if rule is not None:
       row["ground_truth"] = _ground_truth(rule, vols, prompts)
     return row
@@ -244,6 +249,11 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
 
 def _fmt(v, digits=4) -> str:
   return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _texture(row: dict) -> str:
+  """The texture column: the total detail-energy ratio (results of before it existed: '—')."""
+  return _fmt(row["texture"]["total"], 2) if "texture" in row else "—"
 
 
 def _by_scale(result: dict) -> list[dict]:
@@ -289,24 +299,24 @@ def results_markdown(result: dict) -> str:
             f"{_fmt(first['ms_ssim_preservation'])} | {_fmt(first['psnr_preservation'], 2)} | "
             f"{_fmt(100 * first['alignment'], 2) if 'alignment' in first else '—'} |", "",
             "## Table 2 (guidance sweep)", "",
-            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ |",
-            "| --- | --- | --- | --- | --- | --- |"]
+            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture (1 = data) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
   for row in _by_scale(result):
     align = _fmt(100 * row["alignment"], 2) if "alignment" in row else "—"
     lines.append(f"| {row['guidance_scale']:g} | {align} | {_fmt(row['ms_ssim_preservation'])} | "
                  f"{_fmt(row['psnr_preservation'], 2)} | {_fmt(row['fid'])} | "
-                 f"{_fmt(row.get('fid_vs_floor'), 2)} |")
+                 f"{_fmt(row.get('fid_vs_floor'), 2)} | {_texture(row)} |")
   cal = result.get("calibrated")
   if cal is not None:
     scales = ", ".join(f"{p} w = {w:g}" for p, w in cal["chosen_scale"].items())
     align = _fmt(100 * cal["alignment"], 2) if "alignment" in cal else "—"
     lines += ["", "## Calibrated guidance (each prompt at the scale --mode=calibrate chose on "
               f"{cal['num_noises']} held-out noises)", "", f"Scales: {scales}.", "",
-              "| align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ |",
-              "| --- | --- | --- | --- | --- |",
+              "| align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture (1 = data) |",
+              "| --- | --- | --- | --- | --- | --- |",
               f"| {align} | {_fmt(cal['ms_ssim_preservation'])} | "
               f"{_fmt(cal['psnr_preservation'], 2)} | {_fmt(cal['fid'])} | "
-              f"{_fmt(cal.get('fid_vs_floor'), 2)} |"]
+              f"{_fmt(cal.get('fid_vs_floor'), 2)} | {_texture(cal)} |"]
   gts = [(f"{row['guidance_scale']:g}", row) for row in _by_scale(result)
          if "ground_truth" in row]
   if cal is not None and "ground_truth" in cal:

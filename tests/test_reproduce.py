@@ -192,6 +192,9 @@ def test_the_command_on_the_smoke_budget_end_to_end_resumed_then_calibrated(tmp_
     assert all(0 <= v <= 1 for v in gt["class_hit_rate"].values())
     assert gt["psnr_outside_wm"] > 0
     assert r["fid_vs_floor"] is None or r["fid_vs_floor"] >= 0
+    tex = r["texture"]
+    assert tex["total"] > 0 and set(tex["per_subband"]) == {"LLH", "LHL", "LHH", "HLL", "HLH",
+                                                            "HHL", "HHH"}
   md = open(os.path.join(wdm, "eval", "results.md")).read()
   assert "## Table 1" in md and "## Table 2" in md and "| 2 |" in md
   assert os.path.getsize(os.path.join(wdm, "eval", "guidance.png")) > 1000
