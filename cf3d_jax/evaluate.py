@@ -18,8 +18,9 @@ For every guidance scale of `config.eval.guidance_scales` (the first is Table 1'
    - `alignment`: accuracy of the text-alignment classifier (`--mode=train_classifier`) on the
      counterfactuals, the label being the prompt's class; and `alignment_all` over every volume.
    - `texture`: the generated volumes' Haar detail-subband energy over the real volumes'
-     (`metrics.texture`): 1 = the data's fine texture (acquisition noise included), above 1 =
-     texture the data lacks, below 1 = smoother; `total` and `per_subband`.
+     (`metrics.texture`) at 2-, 4- and 8-voxel scales: 1 = the data's texture (acquisition noise
+     included), above 1 = texture the data lacks, below 1 = smoother; `total` and
+     `per_subband` (finest level), `per_level`.
    - phantoms: the measurement rule of `metrics.lesion` (MS) or `metrics.ventricles` (AD) per
      volume: mean per prompt, mean change factual → counterfactual, and for MS the fraction of
      volumes whose measured lesion volume falls in the prompt's class range (the counterfactual
@@ -252,8 +253,11 @@ def _fmt(v, digits=4) -> str:
 
 
 def _texture(row: dict) -> str:
-  """The texture column: the total detail-energy ratio (results of before it existed: '—')."""
-  return _fmt(row["texture"]["total"], 2) if "texture" in row else "—"
+  """The texture column: the detail-energy ratio per Haar level, finest first ('—' in results
+  written before it existed)."""
+  if "texture" not in row:
+    return "—"
+  return " / ".join(_fmt(v, 2) for v in row["texture"].get("per_level", [row["texture"]["total"]]))
 
 
 def _by_scale(result: dict) -> list[dict]:
@@ -299,7 +303,7 @@ def results_markdown(result: dict) -> str:
             f"{_fmt(first['ms_ssim_preservation'])} | {_fmt(first['psnr_preservation'], 2)} | "
             f"{_fmt(100 * first['alignment'], 2) if 'alignment' in first else '—'} |", "",
             "## Table 2 (guidance sweep)", "",
-            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture (1 = data) |",
+            "| w | align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture per level (1 = data) |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
   for row in _by_scale(result):
     align = _fmt(100 * row["alignment"], 2) if "alignment" in row else "—"
@@ -312,7 +316,7 @@ def results_markdown(result: dict) -> str:
     align = _fmt(100 * cal["alignment"], 2) if "alignment" in cal else "—"
     lines += ["", "## Calibrated guidance (each prompt at the scale --mode=calibrate chose on "
               f"{cal['num_noises']} held-out noises)", "", f"Scales: {scales}.", "",
-              "| align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture (1 = data) |",
+              "| align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture per level (1 = data) |",
               "| --- | --- | --- | --- | --- | --- |",
               f"| {align} | {_fmt(cal['ms_ssim_preservation'])} | "
               f"{_fmt(cal['psnr_preservation'], 2)} | {_fmt(cal['fid'])} | "

@@ -59,10 +59,13 @@ def slice_2d(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
   return np.rot90(np.take(volume, int(index), axis=AXES[axis]))
 
 
-def save_montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]) -> None:
+def save_montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str],
+                 real: tuple[str, np.ndarray] | None = None) -> None:
   """PNG of mid-slices (axial, coronal, sagittal) per volume, then differences vs volume 0.
 
   volumes: `[D, H, W]` arrays in [-1, 1] (RAS: D = x, H = y, W = z).
+  real: `(title, [D, H, W])`, a real volume drawn last, in the same grey scale, so that the
+  generated volumes' texture and contrast can be judged against the data's.
   """
   plt = pyplot()
 
@@ -75,6 +78,8 @@ def save_montage(path: str, volumes: Sequence[np.ndarray], titles: Sequence[str]
   lim = max([float(np.abs(d).max()) for d in diffs] + [1e-6])
   rows += [(f"{t} − {titles[0]}", views(d), "RdBu_r", (-lim, lim))
            for t, d in zip(titles[1:], diffs)]
+  if real is not None:
+    rows.append((real[0], views(np.asarray(real[1])), "gray", (-1, 1)))
   fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.3 * len(rows)), squeeze=False)
   for r, (title, imgs, cmap, (lo, hi)) in enumerate(rows):
     for c, img in enumerate(imgs):

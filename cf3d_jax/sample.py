@@ -7,7 +7,10 @@ first prompt is the factual reference. Outputs under `WORKDIR/samples/`:
                                                       (slugs made unique: '-2', '-3' for prompts
                                                       that differ only in case or punctuation);
   `g{scale}/subject_{k:03d}.png`                     montage: axial/coronal/sagittal mid-slices of
-                                                      each prompt, then difference maps vs prompt 0;
+                                                      each prompt, then difference maps vs prompt 0,
+                                                      then a real held-out scan of the factual
+                                                      prompt's class for comparison (index.json's
+                                                      `real_comparison` names it);
   `index.json`                                       every item with its phantom measurement
                                                       (MS lesion volume, AD ventricle volume) and
                                                       PSNR to the factual outside the template WM;
@@ -74,6 +77,7 @@ def sample_counterfactuals(config, workdir: str) -> dict:
   # Checked before anything is decoded: a calibration of this checkpoint and these settings.
   calibration = (calibrate_lib.load_calibration(config, workdir, gen.step)
                  if config.sample.calibrate else None)
+  real = sample_index.real_comparison(config, workdir, prompts[0])
 
   def record(tmp_dir, folder: str, volumes, prompt_scales, set_name=None):
     """Writes `volumes` [K, P, D, H, W] under `folder/` and appends their index entries."""
@@ -90,7 +94,8 @@ def sample_counterfactuals(config, workdir: str) -> dict:
         sample_index.ground_truth_stats(entry, volumes[k, p], rule, volumes[k, 0] if p else None)
         entries.append(entry)
       if tmp_dir is not None:
-        save_montage(os.path.join(tmp_dir, sub_dir + ".png"), list(volumes[k]), prompts)
+        save_montage(os.path.join(tmp_dir, sub_dir + ".png"), list(volumes[k]), prompts,
+                     real=None if real is None else (real["title"], real["volume"]))
 
   with sample_index.output_folder(out_dir) as tmp_dir:   # None on processes that do not write
     for scale, x in generate(gen, range(config.sample.num_subjects), emb, mask,
@@ -112,6 +117,8 @@ def sample_counterfactuals(config, workdir: str) -> dict:
               "num_subjects": config.sample.num_subjects, "items": entries}
     if calibration is not None:
       result["calibration"] = {"file": "calibration.json", "num_noises": calibration["num_noises"]}
+    if real is not None:   # the montages' last row
+      result["real_comparison"] = {k: real[k] for k in ("subject_id", "class", "split")}
     effects = sample_index.summarise(result, entries, prompts, config.sample.guidance_scales, rule)
     if tmp_dir is not None:
       write_text(os.path.join(tmp_dir, "index.json"), json.dumps(result, indent=1))

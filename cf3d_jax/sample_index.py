@@ -34,6 +34,35 @@ def phantom_rule(reference, config) -> phantom_lib.PhantomRule | None:
                                        config.eval.lesion_threshold)
 
 
+def real_comparison(config, workdir: str, factual: str) -> dict | None:
+  """The montages' comparison row: the first held-out (test split) real volume of the factual
+  prompt's class (of any class for a prompt outside the class vocabulary). Returns
+  `{"title", "volume" [D, H, W] float32, "subject_id", "class", "split"}`, or None where the
+  workdir holds no prepared dataset on the sampling grid (a model copied without its data) or
+  the test split is empty."""
+  from cf3d_jax.data import records
+  from cf3d_jax.data.export import read_records, split_entries
+  from cf3d_jax.text import prompts as prompt_lib
+  from cf3d_jax.workdir import Workdir
+  folder = Workdir(workdir).records
+  if not os.path.exists(os.path.join(folder, records.INDEX_NAME)):
+    return None
+  index = records.load_index(folder)
+  if tuple(index["meta"]["shape"]) != tuple(config.data.shape):
+    return None
+  entries = split_entries(index, "test", config.seed, tuple(config.data.split))
+  cls = prompt_lib.prompt_class(config.data.dataset, factual)
+  chosen = [e for e in entries if e["label"] == cls] or entries
+  if not chosen:
+    return None
+  entry = chosen[0]
+  volume = read_records(folder, index, [entry])[0]["volume"][..., 0]
+  names = index["meta"].get("classes") or []
+  label = names[entry["label"]] if 0 <= entry["label"] < len(names) else f"class {entry['label']}"
+  return {"title": f"real test scan ({label})", "volume": np.asarray(volume, np.float32),
+          "subject_id": entry["subject_id"], "class": label, "split": "test"}
+
+
 def ground_truth_stats(entry: dict, volume: np.ndarray, rule, reference_volume=None) -> None:
   """Adds the phantom rule's measurement to `entry` in place (MS lesion volume and mean WM
   intensity; AD ventricle volume) and, given the volume it should preserve

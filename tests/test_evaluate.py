@@ -52,9 +52,9 @@ def test_results_markdown_sorts_the_sweep_and_keeps_table1_first():
   result = {"objective": "ddpm", "dataset": "ms", "checkpoint_step": 9, "num_per_prompt": 2,
             "fid_features": "f", "num_real": 3, "real_split": "test",
             "scales": [row(1.0, 0.97), row(0.5, 0.99), row(3.0, 0.90)]}
-  result["scales"][2]["texture"] = {"total": 1.234, "per_subband": {}}
+  result["scales"][2]["texture"] = {"total": 1.234, "per_subband": {}, "per_level": [1.234, 0.9]}
   md = results_markdown(result)
-  assert "| 3 | 50.00 | 0.9000 | 30.00 | 0.1000 | — | 1.23 |" in md   # older rows: texture —
+  assert "| 3 | 50.00 | 0.9000 | 30.00 | 0.1000 | — | 1.23 / 0.90 |" in md   # older rows: texture —
   assert "| 0.5 | 50.00 | 0.9900 | 30.00 | 0.1000 | — | — |" in md
   assert "## Table 1 (guidance w = 1)" in md and "| 0.1000 | 0.5000 | 0.9700 |" in md
   sweep = md.split("## Table 2")[1]

@@ -55,6 +55,23 @@ def test_demo_all_mode_end_to_end(tmp_path):
   assert set(effect["class_hit_rate"]) == set(prompts)
   assert all(0 <= v <= 1 for v in effect["class_hit_rate"].values())
   assert os.path.exists(os.path.join(workdir, "samples", "g3", "subject_000.png"))
+  # The montages end with a real held-out scan of the factual class, named in the index.
+  from cf3d_jax.data import records
+  from cf3d_jax.data.export import split_entries
+  from cf3d_jax.sample_index import real_comparison
+  data_index = records.load_index(os.path.join(workdir, "data", "records"))
+  test_ids = [e["subject_id"] for e in split_entries(data_index, "test", 0, (0.7, 0.15, 0.15))]
+  assert index["real_comparison"]["split"] == "test"
+  assert index["real_comparison"]["subject_id"] in test_ids
+  from cf3d_jax.config_base import base_config
+  cfg = base_config()
+  cfg.data.shape = (16, 16, 16)
+  ref = real_comparison(cfg, workdir, prompts[0])
+  assert ref["subject_id"] == index["real_comparison"]["subject_id"] and ref["volume"].shape == (16,) * 3
+  assert -1 <= ref["volume"].min() and ref["volume"].max() <= 1
+  cfg.data.shape = (32, 32, 32)
+  assert real_comparison(cfg, workdir, prompts[0]) is None         # not the sampling grid
+  assert real_comparison(cfg, str(tmp_path / "empty"), prompts[0]) is None   # no dataset
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   # Re-running sample mode from the same checkpoint reproduces the index exactly, and replaces
   # the whole folder: files of an earlier run (here another guidance scale) do not survive.

@@ -21,7 +21,16 @@ def _pywt_energy(v: np.ndarray) -> np.ndarray:
 def test_detail_energy_equals_pywavelets():
   rng = np.random.default_rng(0)
   v = rng.normal(size=(3, 8, 6, 4, 2)).astype(np.float32)
-  np.testing.assert_allclose(texture.detail_energy(v), _pywt_energy(v), rtol=1e-5)
+  np.testing.assert_allclose(texture.detail_energy(v)[:, 0], _pywt_energy(v), rtol=1e-5)
+  # Two levels: pywt.wavedecn's level-2 details are those of the level-1 approximation.
+  v = rng.normal(size=(2, 8, 8, 4, 1)).astype(np.float32)
+  got = texture.detail_energy(v, levels=2)
+  for i in range(2):
+    coeffs = pywt.wavedecn(v[i, ..., 0].astype(np.float64), "haar", level=2)
+    for level, details in ((2, coeffs[1]), (1, coeffs[2])):
+      want = [np.mean(details[k] ** 2) for k in sorted(details)]
+      np.testing.assert_allclose(got[i, level - 1], want, rtol=1e-5)
+  assert texture.max_levels((32, 32, 32)) == 3 and texture.max_levels((12, 8, 8)) == 2
 
 
 def test_the_ratio_is_one_on_the_data_and_reads_added_noise_and_smoothing():
@@ -31,9 +40,16 @@ def test_the_ratio_is_one_on_the_data_and_reads_added_noise_and_smoothing():
   same = texture.detail_energy_ratio(real, real, batch_size=4)
   assert same["total"] == pytest.approx(1.0) and all(
       r == pytest.approx(1.0) for r in same["per_subband"].values())
+  assert same["per_level"] == pytest.approx([1.0, 1.0, 1.0])
   # Twice the noise σ: four times the detail energy (the blocks of 4 hold none at the 2-voxel scale).
   noisier = (base + 0.2 * rng.normal(size=base.shape)).astype(np.float32)
-  assert texture.detail_energy_ratio(noisier, real)["total"] == pytest.approx(4.0, rel=0.1)
+  noisy = texture.detail_energy_ratio(noisier, real)
+  assert noisy["total"] == pytest.approx(4.0, rel=0.1)
+  # Coarser 4-voxel blocks: level 2 grows, level 1 (white noise only) does not.
+  blotchy = real + np.repeat(np.repeat(np.repeat(0.3 * rng.normal(size=(6, 8, 8, 8, 1)), 2, 1), 2,
+                                       2), 2, 3).astype(np.float32)
+  levels = texture.detail_energy_ratio(blotchy, real)["per_level"]
+  assert levels[0] == pytest.approx(1.0, rel=0.1) and levels[1] > 3
   smooth = base.astype(np.float32)
   assert texture.detail_energy_ratio(smooth, real)["total"] < 1e-6
   # Texture in one subband only: an HHH-only checkerboard raises that subband alone.
@@ -47,5 +63,7 @@ def test_the_ratio_is_one_on_the_data_and_reads_added_noise_and_smoothing():
 def test_bad_input_is_refused():
   with pytest.raises(ValueError, match="expected \\[N, D, H, W, C\\]"):
     texture.detail_energy(np.zeros((4, 4, 4)))
+  with pytest.raises(ValueError, match="2 Haar levels need spatial sizes divisible by 4"):
+    texture.detail_energy(np.zeros((1, 6, 8, 8, 1)), levels=2)
   with pytest.raises(ValueError, match="no detail energy"):
     texture.detail_energy_ratio(np.ones((1, 4, 4, 4, 1)), np.zeros((1, 4, 4, 4, 1)))
