@@ -98,7 +98,8 @@ def _evaluation(psnr: float, fid: float, aligns: dict, hit: float | None, change
                  "psnr_preservation": psnr / w, "alignment": align,
                  "ground_truth": {"stat": "lesion_volume_ml", "class_hit_rate_all": hit,
                                   "change_vs_first": {"b": change / 2, "c": change * w},
-                                  "ordered_fraction": 1.0, "psnr_outside_wm": 40.0}})
+                                  "ordered_fraction": 1.0, "psnr_outside_wm": 40.0},
+                 "texture": {"total": 1.1, "per_level": [1.1 * w, 0.97, 1.04]}})
   return {"checkpoint_step": 4, "num_per_prompt": 2, "num_real": 3, "fid_features": "f",
           "fid_floor": 0.5, "scales": rows}
 
@@ -140,7 +141,7 @@ def test_tables_fill_every_cell_and_check_the_papers_orderings(tmp_path):
   assert holds[("MAISI RFlow: alignment rises with guidance", "ms")] is False
   text = reproduce.results_markdown(res)
   assert "| WDM | 0.2 | 2.00 | 0.9000 | 0.9500 | 30.00 | 50.0 | 75% | +10.0 | " \
-         "0.1622 / 0.8684 / 0.968 / 28.47 / 94.58 |" in text
+         "1.10 / 0.97 / 1.04 | 0.1622 / 0.8684 / 0.968 / 28.47 / 94.58 |" in text
   assert "| 2 | 75.0 | 0.4750 | 15.00 | 4.00 | 75% | +20.0 | 40.0 |" in text      # WDM sweep
   assert "99.39 / 0.926 / 24.39 |" in text                   # the paper's RFlow row at w = 2
   assert "| ms/wdm | all | 1.5 min |" in text
