@@ -162,6 +162,8 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
   real_labels = np.asarray([int(rec["label"]) for rec in real_recs])
   feats, feat_what = feature_extractor(config)
   real_stats = fid_lib.feature_statistics(_features(feats, real, bsz))
+  texture_levels = texture_lib.max_levels(shape)
+  real_texture = texture_lib.mean_detail_energy(real, texture_levels, bsz)   # once, for every row
   # The realism floor: FID between the real train split and the real eval split (what a
   # generator that reproduced the training distribution exactly would score, at this size).
   train_entries = split_entries(index, "train", config.seed, tuple(config.data.split))
@@ -219,7 +221,8 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
       row["alignment"] = float(ok[:, 1:][:, keep[1:]].mean()) if keep[1:].any() else float("nan")
       row["alignment_all"] = float(ok[:, keep].mean())
     row["fid_vs_floor"] = row["fid"] / result["fid_floor"] if result["fid_floor"] > 0 else None
-    row["texture"] = texture_lib.detail_energy_ratio(flat, real, bsz)
+    row["texture"] = texture_lib.energy_ratio(
+        texture_lib.mean_detail_energy(flat, texture_levels, bsz), real_texture)
     if rule is not None:
       row["ground_truth"] = _ground_truth(rule, vols, prompts)
     return row
@@ -250,14 +253,6 @@ def evaluate(config, workdir: str, out_dir: str | None = None) -> dict:
 
 def _fmt(v, digits=4) -> str:
   return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _texture(row: dict) -> str:
-  """The texture column: the detail-energy ratio per Haar level, finest first ('—' in results
-  written before it existed)."""
-  if "texture" not in row:
-    return "—"
-  return " / ".join(_fmt(v, 2) for v in row["texture"].get("per_level", [row["texture"]["total"]]))
 
 
 def _by_scale(result: dict) -> list[dict]:
@@ -307,20 +302,22 @@ def results_markdown(result: dict) -> str:
             "| --- | --- | --- | --- | --- | --- | --- |"]
   for row in _by_scale(result):
     align = _fmt(100 * row["alignment"], 2) if "alignment" in row else "—"
+    texture = texture_lib.format_per_level((row.get("texture") or {}).get("per_level"))
     lines.append(f"| {row['guidance_scale']:g} | {align} | {_fmt(row['ms_ssim_preservation'])} | "
                  f"{_fmt(row['psnr_preservation'], 2)} | {_fmt(row['fid'])} | "
-                 f"{_fmt(row.get('fid_vs_floor'), 2)} | {_texture(row)} |")
+                 f"{_fmt(row.get('fid_vs_floor'), 2)} | {texture} |")
   cal = result.get("calibrated")
   if cal is not None:
     scales = ", ".join(f"{p} w = {w:g}" for p, w in cal["chosen_scale"].items())
     align = _fmt(100 * cal["alignment"], 2) if "alignment" in cal else "—"
+    texture = texture_lib.format_per_level((cal.get("texture") or {}).get("per_level"))
     lines += ["", "## Calibrated guidance (each prompt at the scale --mode=calibrate chose on "
               f"{cal['num_noises']} held-out noises)", "", f"Scales: {scales}.", "",
               "| align % ↑ | MS-SSIM pres ↑ | PSNR ↑ | FID ↓ | FID / floor ↓ | texture per level (1 = data) |",
               "| --- | --- | --- | --- | --- | --- |",
               f"| {align} | {_fmt(cal['ms_ssim_preservation'])} | "
               f"{_fmt(cal['psnr_preservation'], 2)} | {_fmt(cal['fid'])} | "
-              f"{_fmt(cal.get('fid_vs_floor'), 2)} | {_texture(cal)} |"]
+              f"{_fmt(cal.get('fid_vs_floor'), 2)} | {texture} |"]
   gts = [(f"{row['guidance_scale']:g}", row) for row in _by_scale(result)
          if "ground_truth" in row]
   if cal is not None and "ground_truth" in cal:

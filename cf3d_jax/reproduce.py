@@ -40,6 +40,7 @@ from absl import app, flags
 
 from cf3d_jax.errors import ConfigError
 from cf3d_jax.files import write_text
+from cf3d_jax.metrics.texture import format_per_level
 
 REPRODUCE_FORMAT = "cf3d_jax.reproduce/1"
 BUDGETS = ("smoke", "cpu", "paper")
@@ -220,12 +221,6 @@ def _summary_row(row: dict | None) -> dict | None:
           "texture_per_level": (row.get("texture") or {}).get("per_level")}
 
 
-def _texture_cell(r: dict) -> str:
-  """Detail energy over the real volumes' per Haar level (2 / 4 / 8 voxels); '—' if absent."""
-  levels = r.get("texture_per_level")
-  return "—" if not levels else " / ".join(f"{v:.2f}" for v in levels)
-
-
 def orderings(table1: dict, table2: dict) -> list[dict]:
   """The paper's orderings, checked on our numbers: `{"claim", "dataset", "holds"}` (None when a
   number is missing)."""
@@ -320,7 +315,7 @@ def results_markdown(res: dict) -> str:
           f"{_f(r.get('ms_ssim_diversity'), '.4f')} | {_f(r.get('ms_ssim_preservation'), '.4f')} | "
           f"{_f(r.get('psnr_preservation'), '.2f')} | {_f(r.get('alignment_pct'), '.1f')} | "
           f"{_f(r.get('class_hit_rate'), '.0%')} | {_f(r.get('last_minus_first'), '+.1f')} | "
-          f"{_texture_cell(r)} | {paper} |")
+          f"{format_per_level(r.get('texture_per_level'))} | {paper} |")
     lines.append("")
   for key, rows in res["table2"].items():
     dataset, model = key.split("/")

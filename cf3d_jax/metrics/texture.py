@@ -38,9 +38,11 @@ def detail_energy(volumes, levels: int = 1) -> np.ndarray:
   v = np.asarray(volumes, np.float32)
   if v.ndim != 5:
     raise ValueError(f"volumes of shape {v.shape}: expected [N, D, H, W, C]")
-  if levels < 1 or any(size % (1 << levels) for size in v.shape[1:4]):
+  if levels < 1:
+    raise ValueError(f"levels={levels}: expected at least 1")
+  if any(size % (1 << levels) for size in v.shape[1:4]):
     raise ValueError(f"volumes of shape {v.shape}: {levels} Haar levels need spatial sizes "
-                     f"divisible by {1 << max(levels, 0)}")
+                     f"divisible by {1 << levels}")
   n, c = v.shape[0], v.shape[-1]
   x = jnp.asarray(v)
   out = []
@@ -55,27 +57,26 @@ def detail_energy(volumes, levels: int = 1) -> np.ndarray:
 def max_levels(shape, limit: int = 3) -> int:
   """The most Haar levels (at most `limit`) that the spatial `shape` (D, H, W) allows."""
   levels = 0
-  while levels < limit and all(size % (1 << (levels + 1)) == 0 and size >> (levels + 1) >= 1
-                               for size in shape):
+  while levels < limit and all(size % (1 << (levels + 1)) == 0 for size in shape):
     levels += 1
   return levels
 
 
-def detail_energy_ratio(generated, real, batch_size: int = 16, levels: int | None = None
-                        ) -> dict:
-  """Generated against real volumes (both `[N, D, H, W, C]`, same grid): the generated set's mean
-  detail energy over the real set's (module docstring):
-  `{"total": float, "per_subband": {name: float}, "per_level": [float] * levels}`; `total` and
-  `per_subband` are level 1 (the finest, 2-voxel details; `total` sums the seven subbands
-  first), `per_level[l]` the sum over the subbands of level l + 1 (coarser texture). `levels`
-  defaults to as many as the grid allows, at most 3."""
-  levels = max_levels(np.shape(real)[1:4]) if levels is None else levels
+def mean_detail_energy(volumes, levels: int, batch_size: int = 16) -> np.ndarray:
+  """`detail_energy` averaged over the items of `[N, D, H, W, C]`, in batches: `[levels, 7]`."""
+  return np.concatenate([detail_energy(volumes[i:i + batch_size], levels)
+                         for i in range(0, len(volumes), batch_size)]).mean(axis=0)
 
-  def mean_energy(vols):
-    return np.concatenate([detail_energy(vols[i:i + batch_size], levels)
-                           for i in range(0, len(vols), batch_size)]).mean(axis=0)
 
-  gen_e, real_e = mean_energy(generated), mean_energy(real)        # [levels, 7]
+def energy_ratio(generated_energy: np.ndarray, real_energy: np.ndarray) -> dict:
+  """Two `mean_detail_energy` results `[levels, 7]` (generated, real) → `{"total": float,
+  "per_subband": {name: float}, "per_level": [float] * levels}`: `total` and `per_subband` are
+  level 1 (the finest, 2-voxel details; `total` sums the seven subbands first), `per_level[l]`
+  the sum over the subbands of level l + 1 (coarser texture)."""
+  gen_e, real_e = np.asarray(generated_energy), np.asarray(real_energy)
+  if gen_e.shape != real_e.shape:
+    raise ValueError(f"detail energies of shapes {gen_e.shape} and {real_e.shape}: expected the "
+                     "same levels")
   if not np.all(real_e > 0):
     raise ValueError("the real volumes have no detail energy in some subband (constant blocks); "
                      "the texture ratio is undefined")
@@ -83,3 +84,19 @@ def detail_energy_ratio(generated, real, batch_size: int = 16, levels: int | Non
           "per_subband": {name: float(g / r) for name, g, r in
                           zip(DETAIL_SUBBANDS, gen_e[0], real_e[0])},
           "per_level": [float(g.sum() / r.sum()) for g, r in zip(gen_e, real_e)]}
+
+
+def detail_energy_ratio(generated, real, batch_size: int = 16, levels: int | None = None
+                        ) -> dict:
+  """Generated against real volumes (both `[N, D, H, W, C]`, same grid): `energy_ratio` of their
+  mean detail energies (module docstring). `levels` defaults to as many as the grid allows, at
+  most 3."""
+  levels = max_levels(np.shape(real)[1:4]) if levels is None else levels
+  return energy_ratio(mean_detail_energy(generated, levels, batch_size),
+                      mean_detail_energy(real, levels, batch_size))
+
+
+def format_per_level(per_level) -> str:
+  """A table cell for `energy_ratio(...)["per_level"]`: '1.04 / 0.97 / 1.05' (finest first);
+  '—' for None or empty."""
+  return "—" if not per_level else " / ".join(f"{v:.2f}" for v in per_level)
